@@ -1,0 +1,47 @@
+"""Runtime shims that let Detectron2 v0.6 run with current Pillow, numpy and setuptools.
+
+Imported first by :mod:`detection`, before anything touches Detectron2. Every shim
+only fills in an attribute or module that is missing, so an environment where the
+old API still exists (or an upstream Detectron2 that no longer needs it) is left
+exactly as it was.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import sys
+import types
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["apply"]
+
+
+def _resource_filename(package_or_requirement: str, resource_name: str) -> str:
+    """Minimal ``pkg_resources.resource_filename`` on top of :mod:`importlib.resources`."""
+    return str(importlib.resources.files(package_or_requirement).joinpath(resource_name))
+
+
+def apply() -> None:
+    """Install the shims (idempotent)."""
+    # Pillow >= 10 removed Image.LINEAR (default interp of detectron2.data.transforms).
+    if not hasattr(Image, "LINEAR"):
+        Image.LINEAR = Image.BILINEAR
+    # numpy >= 1.24 removed np.int/np.float/np.str (data.build class histogram, sem-seg eval).
+    for alias, builtin in (("int", int), ("float", float), ("str", str)):
+        if not hasattr(np, alias):
+            setattr(np, alias, builtin)
+    # numpy 1.24-1.26 lack np.bool (structures.masks.polygons_to_bitmask); numpy 2 has it again.
+    if not hasattr(np, "bool"):
+        np.bool = np.bool_
+    # setuptools >= 81 removed pkg_resources (imported by detectron2.model_zoo).
+    if "pkg_resources" not in sys.modules and importlib.util.find_spec("pkg_resources") is None:
+        shim = types.ModuleType("pkg_resources")
+        shim.resource_filename = _resource_filename
+        shim.__doc__ = "cmb-csvd shim: resource_filename only (setuptools >= 81 dropped it)."
+        sys.modules["pkg_resources"] = shim
+
+
+apply()

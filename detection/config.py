@@ -1,0 +1,47 @@
+"""The project's Detectron2 config keys (``cfg.CMB.*``).
+
+Call :func:`add_cmb_config` on a ``get_cfg()`` before ``merge_from_file``, as
+Detectron2 projects do (cf. PointRend's ``add_pointrend_config``).
+"""
+
+from __future__ import annotations
+
+from detectron2.config import CfgNode as CN
+
+
+def add_cmb_config(cfg: CN) -> None:
+    """Add the cmb-csvd keys to ``cfg`` in place (with their defaults)."""
+    _C = cfg
+    _C.CMB = CN()
+    # Folder written by tools/export_coco.py; its splits are registered as
+    # cmb_fold{k}_train / cmb_fold{k}_val / cmb_dev / cmb_external.
+    _C.CMB.DATA_ROOT = "datasets/cmb_coco"
+    # 2.5D input: channels are slices z-k, z, z+k (k = CONTEXT_OFFSET slices).
+    _C.CMB.CONTEXT_OFFSET = 1
+    # In-plane spacing (mm) slices are resampled to before export and inference;
+    # 0 keeps the native spacing. Small values make 2 mm bleeds span several pixels.
+    _C.CMB.TARGET_SPACING = 0.5
+    # Training loader: slices with at least one CMB are drawn this many times more
+    # often than empty slices (1.0 = no oversampling).
+    _C.CMB.POSITIVE_OVERSAMPLE = 4.0
+
+    # SWI-specific augmentation used by the training mapper.
+    _C.CMB.AUG = CN()
+    _C.CMB.AUG.HFLIP = True  # left-right flip (brains are near symmetric)
+    _C.CMB.AUG.VFLIP = False  # anterior-posterior flip (off: breaks anatomy priors)
+    _C.CMB.AUG.ROTATION = 10.0  # max in-plane rotation, degrees
+    _C.CMB.AUG.SCALE = (0.9, 1.1)  # random isotropic rescale range
+    _C.CMB.AUG.BRIGHTNESS = 0.1  # intensity shift, fraction of the 8-bit range
+    _C.CMB.AUG.CONTRAST = (0.8, 1.2)  # multiplicative contrast range
+    _C.CMB.AUG.CROP_SIZE = 0  # square crop (px) that keeps a lesion; 0 = no crop
+
+    # Training bookkeeping.
+    _C.CMB.BEST_METRIC = "segm/AP50"  # metric the best-checkpoint hook maximises
+
+    # Volume inference and 3D lesion merging (detection/inference.py).
+    _C.CMB.INFER = CN()
+    _C.CMB.INFER.BATCH_SIZE = 8  # slices per forward pass
+    _C.CMB.INFER.SCORE_THRESH = 0.5  # instance score kept when building 3D lesions
+    _C.CMB.INFER.MAX_SLICES = 6  # lesions spanning more slices look like veins
+    _C.CMB.INFER.MAX_DIAMETER_MM = 10.0  # CMBs are 2-10 mm (REFERENCES.md)
+    _C.CMB.INFER.MAX_ELONGATION = 3.0  # principal-axis ratio above which a lesion is tubular
