@@ -31,10 +31,11 @@ def apply() -> None:
         Image.LINEAR = Image.BILINEAR
     # numpy >= 1.24 removed np.int/np.float/np.str (data.build class histogram, sem-seg eval).
     for alias, builtin in (("int", int), ("float", float), ("str", str)):
-        if not hasattr(np, alias):
+        # Look in the module dict: hasattr() would trigger numpy's deprecation __getattr__.
+        if alias not in vars(np):
             setattr(np, alias, builtin)
     # numpy 1.24-1.26 lack np.bool (structures.masks.polygons_to_bitmask); numpy 2 has it again.
-    if not hasattr(np, "bool"):
+    if "bool" not in vars(np):
         np.bool = np.bool_
     # setuptools >= 81 removed pkg_resources (imported by detectron2.model_zoo).
     if "pkg_resources" not in sys.modules and importlib.util.find_spec("pkg_resources") is None:
@@ -42,6 +43,25 @@ def apply() -> None:
         shim.resource_filename = _resource_filename
         shim.__doc__ = "cmb-csvd shim: resource_filename only (setuptools >= 81 dropped it)."
         sys.modules["pkg_resources"] = shim
+    _fill_empty_extension()
+
+
+def _fill_empty_extension() -> None:
+    """Give an op-less ``detectron2._C`` the build-info functions ``collect_env`` calls."""
+    if importlib.util.find_spec("detectron2") is None:
+        return
+    try:
+        import detectron2._C as ext
+    except ImportError:  # no extension at all: collect_env reports that by itself
+        return
+    # The registry sdist is built with an empty vision.cpp: default_setup ->
+    # collect_env_info calls _C.get_compiler_version / get_cuda_version.
+    if not hasattr(ext, "get_compiler_version"):
+        ext.get_compiler_version = lambda: "unknown (op-less _C extension)"
+    if not hasattr(ext, "get_cuda_version"):
+        ext.get_cuda_version = lambda: "not used (op-less _C extension)"
+    if not hasattr(ext, "has_cuda"):
+        ext.has_cuda = lambda: False
 
 
 apply()

@@ -33,7 +33,8 @@ def add_cmb_config(cfg: CN) -> None:
     _C.CMB.AUG.SCALE = (0.9, 1.1)  # random isotropic rescale range
     _C.CMB.AUG.BRIGHTNESS = 0.1  # intensity shift, fraction of the 8-bit range
     _C.CMB.AUG.CONTRAST = (0.8, 1.2)  # multiplicative contrast range
-    _C.CMB.AUG.CROP_SIZE = 0  # square crop (px) that keeps a lesion; 0 = no crop
+    _C.CMB.AUG.CROP_SIZE = 0  # square training crop (px); 0 = whole slice
+    _C.CMB.AUG.CROP_KEEP_LESION_PROB = 0.8  # share of crops placed to contain a lesion
 
     # Training bookkeeping.
     _C.CMB.BEST_METRIC = "segm/AP50"  # metric the best-checkpoint hook maximises

@@ -1,0 +1,313 @@
+"""Training engine: a Detectron2 ``DefaultTrainer`` tuned for microbleeds on SWI slices.
+
+- :class:`CMBDatasetMapper` (``@configurable``) reads the exported 2.5D PNG slices and
+  applies augmentation suited to SWI: left-right flips, small rotations and rescales,
+  intensity / contrast jitter, and crops that keep a lesion in view.
+- :class:`Trainer` overrides only ``build_evaluator`` (COCOEvaluator without the C++
+  fast implementation, which the registry build lacks), ``build_train_loader`` (the
+  mapper above plus oversampling of slices that contain CMBs) and adds a hook that
+  keeps the best checkpoint by ``cfg.CMB.BEST_METRIC`` (segm AP50 by default).
+- :func:`setup_cfg` builds the config the way every tool here does.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from detectron2.config import CfgNode, configurable, get_cfg
+from detectron2.data import (
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.data.samplers import RepeatFactorTrainingSampler
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.evaluation import COCOEvaluator
+from detectron2.structures import BitMasks, BoxMode
+from detectron2.utils import comm
+
+from .config import add_cmb_config
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CMBDatasetMapper",
+    "IntensityJitter",
+    "IntensityTransform",
+    "LesionAwareCrop",
+    "RandomScale",
+    "Trainer",
+    "build_cmb_augmentations",
+    "positive_repeat_factors",
+    "setup_cfg",
+]
+
+
+class IntensityTransform(T.Transform):
+    """``image * contrast + shift`` around the image mean; geometry is untouched."""
+
+    def __init__(self, contrast: float, shift: float):
+        super().__init__()
+        self._set_attributes(locals())
+
+    def apply_image(self, img: np.ndarray) -> np.ndarray:
+        """Scale the contrast about the mean, add the shift, clip to the input dtype."""
+        img_f = img.astype(np.float32)
+        mean = float(img_f.mean())
+        out = (img_f - mean) * self.contrast + mean + self.shift
+        if img.dtype == np.uint8:
+            return np.clip(out, 0, 255).astype(np.uint8)
+        return out.astype(img.dtype)
+
+    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        """Coordinates do not move."""
+        return coords
+
+    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
+        """Masks do not change."""
+        return segmentation
+
+    def inverse(self) -> T.Transform:
+        """Geometric inverse (identity: this transform has no geometry)."""
+        return T.NoOpTransform()
+
+
+class IntensityJitter(T.Augmentation):
+    """Random contrast in ``contrast`` range and additive shift of ``+-brightness*255``.
+
+    SWI intensities differ between scanners and centres even after percentile
+    normalisation; this keeps the detector from learning one centre's grey levels.
+    """
+
+    def __init__(self, brightness: float = 0.1, contrast: tuple[float, float] = (0.8, 1.2)):
+        super().__init__()
+        self._init(locals())
+
+    def get_transform(self, image: np.ndarray) -> T.Transform:
+        c = float(np.random.uniform(self.contrast[0], self.contrast[1]))
+        s = float(np.random.uniform(-self.brightness, self.brightness)) * 255.0
+        return IntensityTransform(c, s)
+
+
+class RandomScale(T.Augmentation):
+    """Isotropic rescale by a factor drawn from ``scale`` (lesion size jitter)."""
+
+    def __init__(self, scale: tuple[float, float] = (0.9, 1.1)):
+        super().__init__()
+        self._init(locals())
+
+    def get_transform(self, image: np.ndarray) -> T.Transform:
+        h, w = image.shape[:2]
+        f = float(np.random.uniform(self.scale[0], self.scale[1]))
+        nh, nw = max(1, int(round(h * f))), max(1, int(round(w * f)))
+        if (nh, nw) == (h, w):
+            return T.NoOpTransform()
+        return T.ResizeTransform(h, w, nh, nw)
+
+
+class LesionAwareCrop(T.Augmentation):
+    """Square crop of ``crop_size`` px that contains a whole lesion with ``keep_prob``.
+
+    With probability ``keep_prob`` (and when the slice has lesions) the window is
+    placed so that a randomly chosen lesion box lies entirely inside it; otherwise
+    the window is uniform over the slice. Crops make CPU training affordable and
+    balance the tiny lesions against a large background.
+    """
+
+    def __init__(self, crop_size: int, keep_prob: float = 0.8):
+        super().__init__()
+        self._init(locals())
+
+    @staticmethod
+    def _window(lo: float, hi: float, size: int, extent: int) -> int:
+        """Start of a window of ``size`` in ``[0, extent)`` that contains ``[lo, hi]``."""
+        start_min = int(np.ceil(max(0.0, hi - size)))
+        start_max = int(np.floor(min(float(extent - size), lo)))
+        if start_min > start_max:  # lesion larger than the window: centre on it
+            centre = 0.5 * (lo + hi)
+            return int(np.clip(round(centre - size / 2), 0, extent - size))
+        return int(np.random.randint(start_min, start_max + 1))
+
+    def get_transform(self, image: np.ndarray, boxes: np.ndarray | None = None) -> T.Transform:
+        h, w = image.shape[:2]
+        cs = int(self.crop_size)
+        if cs <= 0 or (h <= cs and w <= cs):
+            return T.NoOpTransform()
+        ch, cw = min(cs, h), min(cs, w)
+        if boxes is not None and len(boxes) and np.random.rand() < self.keep_prob:
+            x0b, y0b, x1b, y1b = boxes[np.random.randint(len(boxes))]
+            x0 = self._window(x0b, x1b, cw, w)
+            y0 = self._window(y0b, y1b, ch, h)
+        else:
+            x0 = int(np.random.randint(0, w - cw + 1))
+            y0 = int(np.random.randint(0, h - ch + 1))
+        return T.CropTransform(x0, y0, cw, ch)
+
+
+def build_cmb_augmentations(cfg: CfgNode, is_train: bool) -> list[T.Augmentation]:
+    """The augmentation list of ``cfg.CMB.AUG`` (none at test time: slices keep their
+    exported pixel spacing, so no test-time resize)."""
+    if not is_train:
+        return []
+    aug = cfg.CMB.AUG
+    augs: list[T.Augmentation] = []
+    if tuple(aug.SCALE) != (1.0, 1.0):
+        augs.append(RandomScale(tuple(aug.SCALE)))
+    if aug.CROP_SIZE > 0:
+        augs.append(LesionAwareCrop(int(aug.CROP_SIZE), float(aug.CROP_KEEP_LESION_PROB)))
+    if aug.HFLIP:
+        augs.append(T.RandomFlip(prob=0.5, horizontal=True, vertical=False))
+    if aug.VFLIP:
+        augs.append(T.RandomFlip(prob=0.5, horizontal=False, vertical=True))
+    if aug.ROTATION > 0:
+        augs.append(T.RandomRotation([-aug.ROTATION, aug.ROTATION], expand=False))
+    if aug.BRIGHTNESS > 0 or tuple(aug.CONTRAST) != (1.0, 1.0):
+        augs.append(IntensityJitter(float(aug.BRIGHTNESS), tuple(aug.CONTRAST)))
+    return augs
+
+
+class CMBDatasetMapper:
+    """Map a COCO-style dataset dict to the model's input (image tensor + instances).
+
+    Differences from Detectron2's ``DatasetMapper``: lesion-aware crops get the boxes,
+    masks are always bitmasks (the export writes RLE), and after the geometric
+    transforms the boxes are recomputed from the masks (a rotated box would be loose)
+    and instances that left the crop are dropped.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        is_train: bool,
+        *,
+        augmentations: Sequence[T.Augmentation],
+        image_format: str,
+    ):
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(list(augmentations))
+        self.image_format = image_format
+        mode = "training" if is_train else "inference"
+        logger.info("[CMBDatasetMapper] %s augmentations: %s", mode, augmentations)
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, is_train: bool = True) -> dict:
+        """Keyword arguments from a config."""
+        return {
+            "is_train": is_train,
+            "augmentations": build_cmb_augmentations(cfg, is_train),
+            "image_format": cfg.INPUT.FORMAT,
+        }
+
+    def __call__(self, dataset_dict: dict) -> dict:
+        """Read, augment and convert one slice record."""
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        utils.check_image_size(dataset_dict, image)
+        annos = [a for a in dataset_dict.pop("annotations", []) if a.get("iscrowd", 0) == 0]
+        boxes = np.array(
+            [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
+            dtype=np.float64,
+        ).reshape(-1, 4)
+        aug_input = T.AugInput(image, boxes=boxes)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        shape = image.shape[:2]
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if not self.is_train:
+            return dataset_dict
+        annos = [utils.transform_instance_annotations(a, transforms, shape) for a in annos]
+        instances = utils.annotations_to_instances(annos, shape, mask_format="bitmask")
+        if len(instances):
+            instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
+            keep = instances.gt_masks.tensor.flatten(1).any(dim=1)
+            instances = instances[keep]
+        else:  # an empty slice still carries (empty) masks, like any other
+            instances.gt_masks = BitMasks(torch.zeros((0, *shape), dtype=torch.bool))
+        dataset_dict["instances"] = instances
+        return dataset_dict
+
+
+def positive_repeat_factors(dataset_dicts: Sequence[dict], factor: float) -> torch.Tensor:
+    """Repeat factor per slice: ``factor`` for slices with a CMB, 1 for the others."""
+    return torch.tensor(
+        [factor if d.get("annotations") else 1.0 for d in dataset_dicts], dtype=torch.float32
+    )
+
+
+class Trainer(DefaultTrainer):
+    """``DefaultTrainer`` with the CMB evaluator, train loader and best-checkpoint hook."""
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
+        """COCO bbox + segm evaluation, pure-Python COCOeval (no C++ extension here)."""
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(
+            dataset_name,
+            tasks=("bbox", "segm"),
+            distributed=True,
+            output_dir=output_folder,
+            use_fast_impl=False,
+        )
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        """Slices of ``DATASETS.TRAIN`` through :class:`CMBDatasetMapper`, slices with a
+        CMB drawn ``CMB.POSITIVE_OVERSAMPLE`` times as often as empty ones."""
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        )
+        factors = positive_repeat_factors(dataset, cfg.CMB.POSITIVE_OVERSAMPLE)
+        n_pos = int((factors > 1).sum()) if cfg.CMB.POSITIVE_OVERSAMPLE > 1 else 0
+        logger.info(
+            "Training on %d slices (%d with CMBs, oversampled x%.1f)",
+            len(dataset), n_pos, cfg.CMB.POSITIVE_OVERSAMPLE,
+        )
+        seed = cfg.SEED if cfg.SEED >= 0 else None
+        sampler = RepeatFactorTrainingSampler(factors, seed=seed)
+        mapper = CMBDatasetMapper(cfg, is_train=True)
+        return build_detection_train_loader(cfg, dataset=dataset, mapper=mapper, sampler=sampler)
+
+    def build_hooks(self) -> list:
+        """Default hooks plus :class:`~detectron2.engine.hooks.BestCheckpointer` after
+        the evaluation hook, keeping ``model_best.pth`` by ``CMB.BEST_METRIC``."""
+        ret = super().build_hooks()
+        cfg = self.cfg
+        if cfg.TEST.EVAL_PERIOD > 0 and cfg.DATASETS.TEST and comm.is_main_process():
+            eval_idx = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
+            ret.insert(
+                eval_idx + 1,
+                hooks.BestCheckpointer(
+                    cfg.TEST.EVAL_PERIOD, self.checkpointer, cfg.CMB.BEST_METRIC, mode="max"
+                ),
+            )
+        return ret
+
+
+def setup_cfg(config_file: str | os.PathLike, opts: Sequence[str] = ()) -> CfgNode:
+    """``get_cfg`` + :func:`add_cmb_config` + the YAML + command-line ``opts``; registers
+    the export at ``cfg.CMB.DATA_ROOT`` when it exists."""
+    cfg = get_cfg()
+    add_cmb_config(cfg)
+    cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list(list(opts))
+    register_from_cfg(cfg)
+    return cfg
+
+
+def register_from_cfg(cfg: CfgNode) -> list[str]:
+    """Register the COCO export named by ``cfg.CMB.DATA_ROOT`` (if it exists)."""
+    root = Path(cfg.CMB.DATA_ROOT)
+    if not (root / "splits.json").is_file():
+        logger.info("No COCO export at %s; datasets must be registered by the caller", root)
+        return []
+    from .data.register import register_cmb_datasets
+
+    return register_cmb_datasets(root)

@@ -1,0 +1,156 @@
+"""Training engine: SWI augmentation mapper, oversampling, train + ``--eval-only``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import detection  # noqa: F401
+from detection.engine import (
+    CMBDatasetMapper,
+    IntensityTransform,
+    LesionAwareCrop,
+    positive_repeat_factors,
+    setup_cfg,
+)
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+
+REPO = Path(__file__).resolve().parents[2]
+INSTANT = REPO / "configs" / "quick_schedules" / "cmb_R_18_FPN_instant_test.yaml"
+sys.path.insert(0, str(REPO / "tools"))
+
+
+def _write_slice_dataset(root: Path, n_images: int = 6, size: int = 128) -> Path:
+    """A tiny COCO dataset of SWI-like slices: grey brain, dark round foci, some empty."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    images, annotations = [], []
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n_images):
+        img = np.clip(rng.normal(140, 8, (size, size)), 0, 255)
+        n_lesions = 0 if i % 3 == 2 else 1 + i % 2
+        masks = []
+        for _ in range(n_lesions):
+            cy, cx = rng.integers(20, size - 20, 2)
+            r = rng.uniform(3, 6)
+            m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            img[m] = 30
+            masks.append(m)
+        name = f"images/{i:03d}.png"
+        cv2.imwrite(str(root / name), np.repeat(img.astype(np.uint8)[..., None], 3, axis=2))
+        images.append({"id": i + 1, "file_name": name, "height": size, "width": size})
+        for m in masks:
+            rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
+            bbox = mask_util.toBbox(rle).tolist()
+            rle["counts"] = rle["counts"].decode("ascii")
+            annotations.append(
+                {
+                    "id": len(annotations) + 1, "image_id": i + 1, "category_id": 1,
+                    "segmentation": rle, "bbox": bbox, "area": float(m.sum()), "iscrowd": 0,
+                }
+            )
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "cmb"}]}
+    path = root / "train.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
+@pytest.fixture()
+def tiny_dataset(tmp_path: Path):
+    name = f"cmbtest_{tmp_path.name}"
+    json_file = _write_slice_dataset(tmp_path / "data")
+    register_coco_instances(name, {}, str(json_file), str(tmp_path / "data"))
+    yield name
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+
+
+def test_lesion_aware_crop_keeps_the_lesion() -> None:
+    np.random.seed(0)  # noqa: NPY002 (Detectron2 augmentations use the global RNG)
+    image = np.zeros((300, 400, 3), dtype=np.uint8)
+    box = np.array([[350.0, 10.0, 362.0, 20.0]])
+    aug = LesionAwareCrop(64, keep_prob=1.0)
+    for _ in range(50):
+        t = aug.get_transform(image, box)
+        assert (t.w, t.h) == (64, 64)
+        assert t.x0 <= 350 and t.x0 + 64 >= 362
+        assert t.y0 <= 10 and t.y0 + 64 >= 20
+        assert 0 <= t.x0 <= 400 - 64 and 0 <= t.y0 <= 300 - 64
+
+
+def test_intensity_transform_changes_grey_levels_not_geometry() -> None:
+    img = np.tile(np.arange(0, 200, 2, dtype=np.uint8), (100, 1))[..., None].repeat(3, 2)
+    t = IntensityTransform(contrast=1.5, shift=10.0)
+    out = t.apply_image(img)
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    assert out.std() > img.std()
+    coords = np.array([[3.0, 4.0]])
+    assert np.array_equal(t.apply_coords(coords), coords)
+    seg = np.eye(5, dtype=np.uint8)
+    assert np.array_equal(t.apply_segmentation(seg), seg)
+
+
+def test_positive_repeat_factors() -> None:
+    dicts = [{"annotations": [{}]}, {"annotations": []}, {}]
+    assert positive_repeat_factors(dicts, 4.0).tolist() == [4.0, 1.0, 1.0]
+
+
+def test_mapper_boxes_follow_masks_after_augmentation(tiny_dataset: str) -> None:
+    np.random.seed(1)  # noqa: NPY002
+    cfg = setup_cfg(INSTANT, ["CMB.AUG.CROP_SIZE", "64", "CMB.AUG.ROTATION", "15.0"])
+    mapper = CMBDatasetMapper(cfg, is_train=True)
+    records = DatasetCatalog.get(tiny_dataset)
+    seen = 0
+    for rec in records * 3:
+        out = mapper(rec)
+        assert tuple(out["image"].shape) == (3, 64, 64)
+        inst = out["instances"]
+        for box, mask in zip(inst.gt_boxes.tensor, inst.gt_masks.tensor):
+            ys, xs = np.nonzero(mask.numpy())
+            assert len(xs) > 0
+            assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            seen += 1
+    assert seen > 0
+    test_mapper = CMBDatasetMapper(cfg, is_train=False)
+    out = test_mapper(records[0])
+    assert tuple(out["image"].shape) == (3, 128, 128) and "instances" not in out
+
+
+@pytest.mark.slow
+def test_instant_config_trains_then_eval_only_reloads(tiny_dataset: str, tmp_path: Path) -> None:
+    import train_net
+
+    out_dir = tmp_path / "run"
+    common = [
+        "--config-file", str(INSTANT), "--num-gpus", "0",
+    ]
+    opts = [
+        "OUTPUT_DIR", str(out_dir), "CMB.DATA_ROOT", str(tmp_path / "none"),
+        "DATASETS.TRAIN", f"('{tiny_dataset}',)", "DATASETS.TEST", f"('{tiny_dataset}',)",
+        "SOLVER.MAX_ITER", "4", "TEST.EVAL_PERIOD", "2", "SEED", "3",
+    ]
+    args = train_net.default_argument_parser().parse_args([*common, *opts])
+    train_net.main(args)
+    assert (out_dir / "model_final.pth").is_file()
+    assert (out_dir / "model_best.pth").is_file()  # BestCheckpointer ran after EvalHook
+    metrics = [json.loads(line) for line in (out_dir / "metrics.json").read_text().splitlines()]
+    assert any("segm/AP50" in m for m in metrics)
+    assert any("total_loss" in m and np.isfinite(m["total_loss"]) for m in metrics)
+
+    eval_args = train_net.default_argument_parser().parse_args(
+        [*common, "--eval-only", *opts, "MODEL.WEIGHTS", str(out_dir / "model_final.pth")]
+    )
+    res = train_net.main(eval_args)
+    # One test dataset: Trainer.test returns its results directly.
+    assert set(res) >= {"bbox", "segm"}
+    ap50 = res["segm"]["AP50"]
+    assert np.isnan(ap50) or 0.0 <= ap50 <= 100.0
+

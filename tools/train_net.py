@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Train or evaluate the microbleed Mask R-CNN (Detectron2's tools/train_net.py layout).
+
+Examples::
+
+    python tools/train_net.py --config-file configs/CMB-RCNN-R18-FPN-cpu.yaml
+    python tools/train_net.py --config-file configs/CMB-RCNN-R50-FPN-gpu.yaml --num-gpus 4
+    python tools/train_net.py --config-file C --eval-only MODEL.WEIGHTS output/x/model_best.pth
+
+Trailing ``KEY VALUE`` pairs override config keys (``CMB.DATA_ROOT datasets/my_coco``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import detection  # noqa: E402,F401  (compat shims before detectron2)
+from detection.engine import Trainer, setup_cfg  # noqa: E402
+
+import detectron2.utils.comm as comm  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.evaluation import verify_results  # noqa: E402
+
+logger = logging.getLogger("cmb.train_net")
+
+
+def setup(args):
+    """Config from ``--config-file`` and trailing opts, frozen; Detectron2's default setup
+    (output dir, logging, environment dump, seeding)."""
+    cfg = setup_cfg(args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    """Train (or with ``--eval-only`` reload the weights and evaluate)."""
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def cli(argv=None):
+    """Parse arguments and launch (one process per GPU with ``--num-gpus``)."""
+    args = default_argument_parser().parse_args(argv)
+    print("Command Line Args:", args)
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    cli()
