@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode as CN
 
+from . import backbone  # noqa: F401  (registers build_cmb_lite_fpn_backbone)
+
 
 def add_cmb_config(cfg: CN) -> None:
     """Add the cmb-csvd keys to ``cfg`` in place (with their defaults)."""
@@ -35,6 +37,13 @@ def add_cmb_config(cfg: CN) -> None:
     _C.CMB.AUG.CONTRAST = (0.8, 1.2)  # multiplicative contrast range
     _C.CMB.AUG.CROP_SIZE = 0  # square training crop (px); 0 = whole slice
     _C.CMB.AUG.CROP_KEEP_LESION_PROB = 0.8  # share of crops placed to contain a lesion
+
+    # Light ResNet-FPN backbone (detection/backbone.py, MODEL.BACKBONE.NAME
+    # "build_cmb_lite_fpn_backbone"): widths/blocks of stem and res2..res5.
+    _C.CMB.LITE = CN()
+    _C.CMB.LITE.STEM_WIDTH = 32
+    _C.CMB.LITE.STAGE_WIDTHS = [32, 64, 96, 128]
+    _C.CMB.LITE.BLOCKS = [1, 1, 1, 1]
 
     # Training bookkeeping.
     _C.CMB.BEST_METRIC = "segm/AP50"  # metric the best-checkpoint hook maximises
