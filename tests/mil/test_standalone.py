@@ -44,3 +44,27 @@ def test_blocker_really_blocks() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode != 0
     assert "blocked" in proc.stderr
+
+
+def test_mil_tools_import_without_detectron2() -> None:
+    """The MIL tools import (and parse --help) with Detectron2 blocked."""
+    code = BLOCKER + textwrap.dedent(
+        """
+        import contextlib, io, runpy
+        for tool in ("tools/train_mil.py", "tools/evaluate_mil.py"):
+            ns = runpy.run_path(tool, run_name="not_main")
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+                ns["main"](["--help"])
+            assert "--output" in buf.getvalue(), tool
+            import mil.train  # what main() imports lazily
+        assert not any(m.startswith("detectron2") for m in sys.modules)
+        print("ok")
+        """
+    )
+    repo = __import__("pathlib").Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=repo
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("ok")

@@ -1,0 +1,135 @@
+"""Gated-attention MIL forward pass: empty bags, single instances, padding, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mil.bagio import Bag
+from mil.dataset import (
+    BagDataset,
+    FeatureSpec,
+    PatientBag,
+    collate_bags,
+    fit_normalisation,
+    fit_spec,
+)
+from mil.model import GatedAttentionMIL, ModelParams, load_checkpoint, save_checkpoint
+from mil.synthetic_bags import make_bag
+
+SMALL = ModelParams(embed_dim=8, attention_dim=4, crop_embed_dim=4, feature_hidden=8,
+                    classifier_hidden=8, dropout=0.0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _bags(n: int = 12, seed: int = 0) -> list[PatientBag]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        label = i % 3
+        bag, age = make_bag(rng, ("aSVD", "CAA", "CADASIL")[label], f"P{i}", crop_size=8)
+        out.append(PatientBag(f"P{i}", "A", label, age, bag))
+    return out
+
+
+def _empty(pid: str = "E", f: int = 13) -> PatientBag:
+    from mil import FEATURE_NAMES
+
+    bag = Bag(pid, np.zeros((0, 3, 8, 8), np.float32), np.zeros((0, f), np.float32),
+              FEATURE_NAMES[:f], np.zeros(0, np.int64))
+    return PatientBag(pid, "A", -1, float("nan"), bag)
+
+
+def _model(bags: list[PatientBag], **spec_kw: object) -> GatedAttentionMIL:
+    spec = fit_spec(bags, **spec_kw)
+    torch.manual_seed(0)
+    m = GatedAttentionMIL(spec, SMALL)
+    m.set_normalisation(fit_normalisation(bags, spec))
+    return m.eval()
+
+
+def _forward(m: GatedAttentionMIL, bags: list[PatientBag], grad: bool = False):  # noqa: ANN202
+    batch = collate_bags([BagDataset(bags, m.spec)[i] for i in range(len(bags))])
+    with torch.set_grad_enabled(grad):
+        return m(batch["crops"], batch["feats"], batch["mask"], batch["summary"]), batch
+
+
+def test_empty_bags_forward() -> None:
+    bags = _bags()
+    m = _model(bags)
+    out, batch = _forward(m, [_empty("E1"), bags[0], _empty("E2")])
+    assert torch.isfinite(out.logits).all()
+    assert out.attention.shape == batch["mask"].shape
+    assert (out.attention[0] == 0).all() and (out.attention[2] == 0).all()
+    # Two empty bags with the same (missing) age and summary get the same prediction.
+    torch.testing.assert_close(out.logits[0], out.logits[2])
+    # A batch of only empty bags works too.
+    out, batch = _forward(m, [_empty()])
+    assert batch["mask"].shape == (1, 1) and torch.isfinite(out.logits).all()
+    probs = torch.softmax(out.logits, 1)
+    assert probs.sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_empty_embedding_is_learned() -> None:
+    bags = _bags()
+    m = _model(bags)
+    m.train()
+    out, _ = _forward(m, [_empty()], grad=True)
+    out.logits[0, 0].backward()
+    assert m.empty_embedding.grad is not None and m.empty_embedding.grad.abs().sum() > 0
+
+
+def test_single_instance_attention_is_one() -> None:
+    bags = _bags()
+    singles = []
+    for pb in bags:
+        if pb.bag.n_instances:
+            b = pb.bag
+            one = Bag(b.patient_id, b.crops[:1], b.features[:1], b.feature_names, b.lesion_ids[:1])
+            singles.append(PatientBag(pb.patient_id, "A", pb.label, pb.age, one))
+    out, batch = _forward(_model(bags), singles + [bags[0]])  # padded alongside a bigger bag
+    torch.testing.assert_close(out.attention[: len(singles), 0], torch.ones(len(singles)))
+    assert (out.attention[: len(singles), 1:] == 0).all()
+
+
+def test_attention_sums_to_one_and_padding_invariant() -> None:
+    bags = [pb for pb in _bags(30) if pb.bag.n_instances >= 2]
+    m = _model(bags)
+    out, batch = _forward(m, bags)
+    torch.testing.assert_close(out.attention.sum(1), torch.ones(len(bags)))
+    assert (out.attention[~batch["mask"]] == 0).all()
+    for i in range(3):  # same result alone (no padding) as in the padded batch
+        alone, _ = _forward(m, [bags[i]])
+        torch.testing.assert_close(alone.logits[0], out.logits[i], atol=1e-5, rtol=1e-5)
+
+
+def test_features_only_and_crops_only() -> None:
+    bags = _bags()
+    for kw in ({"use_crops": False}, {"features": [], "use_summary": False}):
+        m = _model(bags, **kw)
+        out, _ = _forward(m, bags[:4] + [_empty()])
+        assert torch.isfinite(out.logits).all()
+    with pytest.raises(ValueError):
+        GatedAttentionMIL(FeatureSpec([], use_crops=False), SMALL)
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    bags = _bags()
+    m = _model(bags)
+    save_checkpoint(m, tmp_path, {"note": "x"})
+    state = torch.load(tmp_path / "model.pth", weights_only=True)
+    assert "feat_mean" in state and "summary_std" in state and "crop_mean" in state
+    m2, info = load_checkpoint(tmp_path)
+    assert info["meta"] == {"note": "x"}
+    assert m2.spec == m.spec
+    a, _ = _forward(m, bags)
+    b, _ = _forward(m2, bags)
+    torch.testing.assert_close(a.logits, b.logits)
+    torch.testing.assert_close(m2.feat_std, m.feat_std)
