@@ -45,6 +45,7 @@ from pycocotools import mask as mask_util
 from .manifest import LABELS, check_grids, read_cohort
 from .volume import (
     LESION_CONNECTIVITY,
+    Case,
     CohortError,
     NonFinitePolicy,
     load_case,
@@ -61,6 +62,7 @@ __all__ = [
     "ExportSummary",
     "PreparedVolume",
     "prepare_volume",
+    "prepare_case",
     "export_coco",
     "make_splits",
     "nearest_index",
@@ -235,10 +237,8 @@ def prepare_volume(
     brain_mask: str | Path | None = None,
     params: ExportParams | None = None,
 ) -> PreparedVolume:
-    """Load, validate, normalise and resample one patient exactly as the export does.
-
-    Also the entry point for volume inference (same slices as training).
-    """
+    """Load, validate, normalise and resample one patient exactly as the export does
+    (:func:`~detection.data.volume.load_case` + :func:`prepare_case`)."""
     params = params or ExportParams()
     case = load_case(
         swi,
@@ -247,6 +247,16 @@ def prepare_volume(
         nonfinite=params.nonfinite,
         connectivity=params.connectivity,
     )
+    prep = prepare_case(case, params)
+    prep.meta["cmb_mask"] = str(Path(cmb_mask).resolve()) if cmb_mask else ""
+    prep.meta["brain_mask"] = str(Path(brain_mask).resolve()) if brain_mask else ""
+    return prep
+
+
+def prepare_case(case: Case, params: ExportParams | None = None) -> PreparedVolume:
+    """Normalise and resample a loaded case into export-layout slices (the case is not
+    modified). The entry point for volume inference: same slices as training."""
+    params = params or ExportParams()
     vol = case.swi
     norm, lo, hi = _normalize(vol.data, case.brain, params.percentiles)
     grey = to_uint8(norm)
@@ -270,9 +280,9 @@ def prepare_volume(
     to_ras = pixel_to_ras_matrix(nx, ny, height, width)
     to_orig = np.linalg.inv(vol.orig_affine) @ vol.affine
     meta = {
-        "swi": str(Path(swi).resolve()),
-        "cmb_mask": str(Path(cmb_mask).resolve()) if cmb_mask else "",
-        "brain_mask": str(Path(brain_mask).resolve()) if brain_mask else "",
+        "swi": str(Path(vol.path).resolve()),
+        "cmb_mask": "",
+        "brain_mask": "",
         "original": {
             "shape": list(vol.orig_shape),
             "affine": vol.orig_affine.tolist(),
@@ -386,9 +396,22 @@ def _up_to_date(frag_path: Path, img_dir: Path, stamp: dict[str, Any]) -> bool:
     return expected <= set(os.listdir(img_dir))
 
 
+def _path_or_empty(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _job_up_to_date(job: dict[str, Any]) -> bool:
+    """Whether a patient's outputs match its inputs' sizes/mtimes and the parameters."""
+    out, pid = Path(job["out"]), job["patient_id"]
+    try:
+        stamp = _stamp(job)
+    except OSError:
+        return False
+    return _up_to_date(out / "patients" / f"{pid}.json", out / "images" / pid, stamp)
+
+
 def _encode(binary: np.ndarray) -> dict[str, Any]:
-    rle = mask_util.encode(np.asfortranarray(binary.astype(np.uint8)))
-    return rle
+    return mask_util.encode(np.asfortranarray(binary.astype(np.uint8)))
 
 
 def _slice_annotations(lab: np.ndarray, z: int) -> list[dict[str, Any]]:
@@ -414,14 +437,10 @@ def _export_patient(job: dict[str, Any]) -> dict[str, Any]:
     """Export one patient (runs in a worker). Never raises: returns a status dict."""
     pid = job["patient_id"]
     out = Path(job["out"])
-    frag_path = out / "patients" / f"{pid}.json"
-    img_dir = out / "images" / pid
     t0 = time.perf_counter()
     with _capture_warnings() as warnings:
         try:
             stamp = _stamp(job)
-            if not job.get("force") and _up_to_date(frag_path, img_dir, stamp):
-                return {"patient_id": pid, "status": "skipped", "n_slices": 0, "warnings": warnings}
             params = ExportParams(
                 **{**job["params"], "percentiles": tuple(job["params"]["percentiles"])}
             )
@@ -663,7 +682,8 @@ def export_coco(
     force: bool = False,
     progress: bool = True,
 ) -> ExportSummary:
-    """Export a cohort (manifest CSV, nnU-Net folder or validated DataFrame) to ``out``.
+    """Export a cohort (manifest CSV, nnU-Net folder, or a DataFrame from
+    :func:`~detection.data.manifest.read_cohort`) to ``out``.
 
     Patients whose outputs are up to date (same input sizes/mtimes and parameters) are
     skipped. If any patient fails, the others are still exported, the split files are
@@ -693,16 +713,23 @@ def export_coco(
         {
             "patient_id": r["patient_id"],
             "swi": r["swi"],
-            "cmb_mask": r.get("cmb_mask") or "",
-            "brain_mask": r.get("brain_mask") or "",
+            "cmb_mask": _path_or_empty(r.get("cmb_mask")),
+            "brain_mask": _path_or_empty(r.get("brain_mask")),
             "out": str(out),
             "params": params.as_dict(),
-            "force": force,
         }
         for r in cohort.to_dict("records")
     ]
-    results = _run_jobs(jobs, workers, progress)
     summary = ExportSummary(out=out, n_patients=len(jobs), splits=splits)
+    stale = []
+    for job in jobs:
+        if not force and _job_up_to_date(job):
+            summary.skipped.append(job["patient_id"])
+        else:
+            stale.append(job)
+    # Largest inputs first: better load balance across workers.
+    stale.sort(key=lambda j: -os.path.getsize(j["swi"]) if os.path.exists(j["swi"]) else 0)
+    results = _run_jobs(stale, workers, progress)
     failures = []
     for res in sorted(results, key=lambda r: r["patient_id"]):
         for w in res.get("warnings", []):
@@ -710,8 +737,6 @@ def export_coco(
         if res["status"] == "exported":
             summary.exported.append(res["patient_id"])
             summary.n_written += res["n_slices"]
-        elif res["status"] == "skipped":
-            summary.skipped.append(res["patient_id"])
         else:
             failures.append(f"{res['patient_id']}: {res['message']}")
     if failures:
@@ -760,7 +785,7 @@ def _assemble(
                 "width": im["width"],
                 "patient_id": pid,
                 "center": r["center"],
-                "label": r["label"],
+                "label": r.get("label", ""),
                 "slice_index": im["slice_index"],
             }
             by_slice[im["slice_index"]] = img_id
@@ -788,7 +813,7 @@ def _assemble(
         patients_meta[pid] = {
             "patient_id": pid,
             "center": r["center"],
-            "label": r["label"],
+            "label": r.get("label", ""),
             "age": None if age is None or pd.isna(age) else float(age),
             **frag["meta"],
         }
@@ -826,7 +851,11 @@ def _assemble(
             "file_name": "images/<patient_id>/<slice:04d>.png",
             "channels": ["slice z-k", "slice z", "slice z+k"],
             "format": "8-bit RGB; brain intensity percentiles mapped to 0..255",
-            "layout": "A[z, row, col] = V_ras[col, Y-1-row', z] after in-plane resampling",
+            "layout": (
+                "slice z, row r, col c shows RAS voxel x = (c + 0.5) * X / W - 0.5, "
+                "y = Y - 1 - ((r + 0.5) * Y / H - 0.5), z (matrix pixel_to_ras_voxel): "
+                "rows run anterior -> posterior, columns towards the patient's right"
+            ),
         },
         "coordinates": (
             "pixel_to_original_voxel @ [col, row, slice, 1] = voxel in the input file; "

@@ -477,3 +477,16 @@ def test_cli(cohort: Path, tmp_path: Path, capsys, caplog) -> None:
     bad = ["--manifest", str(cohort), "--out", str(out), "--external-center", "Q", "--quiet"]
     assert tool.main(bad) == 2
     assert "external centre(s) ['Q'] not in the cohort" in caplog.text
+
+
+def test_prepare_case_matches_prepare_volume(cohort: Path) -> None:
+    from detection.data.volume import load_case
+
+    d = cohort.parent / "P01"
+    case = load_case(d / "swi.nii.gz", d / "cmb_mask.nii.gz", d / "brain_mask.nii.gz")
+    a = ex.prepare_case(case)
+    b = prepare_volume(d / "swi.nii.gz", d / "cmb_mask.nii.gz", d / "brain_mask.nii.gz")
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.slice_indices == b.slice_indices
+    assert a.meta["pixel_to_world"] == b.meta["pixel_to_world"]
