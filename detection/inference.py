@@ -1,0 +1,287 @@
+"""Volume inference: a trained Mask R-CNN over a patient's SWI, back to 3D lesions.
+
+:class:`VolumePredictor` prepares the volume exactly as the COCO export does
+(:func:`detection.data.export_coco.prepare_case`: RAS reorientation, brain-percentile
+normalisation, in-plane resampling to ``CMB.TARGET_SPACING``, 2.5D slices), runs the
+model over the **brain slices only**, **in batches** of ``CMB.INFER.BATCH_SIZE``, and
+pastes each instance mask **only inside its box** (Detectron2's default postprocess pastes
+every candidate over the whole image, which dominates CPU time).
+
+Slice instances are then brought back to the RAS voxel grid (area coverage >= 50 % of a
+voxel, or the best-covered voxel for a lesion smaller than one voxel), merged into 3D
+lesions with :func:`detection.lesions.merge_slice_instances` (10-connectivity: 8 in-plane,
+2 through-plane; same-slice overlaps unioned; lesion score = max instance score),
+filtered by :func:`detection.lesions.reject_implausible` (``CMB.INFER.MAX_SLICES``,
+``MAX_DIAMETER_MM``, ``MAX_ELONGATION``) and described by
+:func:`detection.lesions.lesion_table` with a MARS-style region.
+
+Outputs per patient (DESIGN.md contract 3): ``cmb_pred.nii.gz`` (instance ids on the input
+grid and affine), ``lesions.csv``, ``rejected.csv`` (candidates dropped by shape, with the
+reason) and ``overlay.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.modeling import build_model
+from detectron2.structures import Instances
+
+from .data.export_coco import ExportParams, PreparedVolume, prepare_case
+from .data.volume import Volume, load_case
+from .lesions import (
+    LESION_COLUMNS,
+    RegionFn,
+    lesion_table,
+    merge_slice_instances,
+    reject_implausible,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PatientPrediction",
+    "SliceInstances",
+    "VolumePredictor",
+    "image_mask_to_ras_plane",
+    "paste_mask_in_box",
+    "save_overlay",
+]
+
+#: ``(slice_index, masks [n, nx, ny] bool on the RAS plane, scores [n])``.
+SliceInstances = tuple[int, np.ndarray, np.ndarray]
+
+
+def paste_mask_in_box(mask_prob: np.ndarray, box: Sequence[float], height: int, width: int,
+                      threshold: float = 0.5) -> tuple[slice, slice, np.ndarray]:
+    """Paste a ``M x M`` mask probability map into its box; returns the window and the
+    binary mask inside it (the rest of the image is background by construction)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    c0, r0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
+    c1, r1 = min(int(np.ceil(x1)), width), min(int(np.ceil(y1)), height)
+    if c1 <= c0 or r1 <= r0:
+        return slice(0, 0), slice(0, 0), np.zeros((0, 0), dtype=bool)
+    m = mask_prob.shape[0]
+    # Pixel centre (c + 0.5, r + 0.5) in image coordinates -> mask grid coordinate.
+    sx, sy = m / max(x1 - x0, 1e-6), m / max(y1 - y0, 1e-6)
+    cols = (np.arange(c0, c1) + 0.5 - x0) * sx - 0.5
+    rows = (np.arange(r0, r1) + 0.5 - y0) * sy - 0.5
+    map_x = np.broadcast_to(cols[None, :], (r1 - r0, c1 - c0)).astype(np.float32)
+    map_y = np.broadcast_to(rows[:, None], (r1 - r0, c1 - c0)).astype(np.float32)
+    prob = cv2.remap(mask_prob.astype(np.float32), map_x, map_y, cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    return slice(r0, r1), slice(c0, c1), prob >= threshold
+
+
+def image_mask_to_ras_plane(mask: np.ndarray, nx: int, ny: int) -> np.ndarray:
+    """Export-layout slice mask ``(H, W)`` (rows anterior -> posterior) -> RAS plane
+    ``(nx, ny)``: voxels covered >= 50 %; a mask smaller than one voxel keeps its
+    best-covered voxel so no detection disappears."""
+    h, w = mask.shape
+    if (h, w) == (ny, nx):
+        lay = mask.astype(bool)
+    else:
+        interp = cv2.INTER_AREA if (h >= ny and w >= nx) else cv2.INTER_LINEAR
+        cov = cv2.resize(mask.astype(np.float32), (nx, ny), interpolation=interp)
+        lay = cov >= 0.5
+        if not lay.any() and mask.any():
+            lay = np.zeros_like(lay)
+            lay[np.unravel_index(int(np.argmax(cov)), cov.shape)] = True
+    return np.ascontiguousarray(lay[::-1].T)
+
+
+@dataclass
+class PatientPrediction:
+    """3D lesions of one patient on the RAS grid plus what is needed to write them."""
+
+    patient_id: str
+    volume: Volume
+    labels_ras: np.ndarray  # int32 lesion ids, RAS voxel grid
+    table: pd.DataFrame  # lesions.csv rows (LESION_COLUMNS)
+    rejected: pd.DataFrame  # candidates dropped by shape, with the reason
+    brain_ras: np.ndarray
+    n_slices: int  # slices the model ran on
+    seconds: float
+
+    def write(self, out_dir: str | os.PathLike, overlay: bool = True) -> Path:
+        """Write ``cmb_pred.nii.gz``, ``lesions.csv``, ``rejected.csv`` and ``overlay.png``
+        into ``out_dir`` (each through a temporary name, then renamed)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        img = self.volume.to_nifti(self.labels_ras, dtype=np.int16)
+        img.header.set_data_dtype(np.int16)
+        _atomic(out / "cmb_pred.nii.gz", lambda p: nib.save(img, p))
+        _atomic(out / "lesions.csv", lambda p: self.table.to_csv(p, index=False))
+        _atomic(out / "rejected.csv", lambda p: self.rejected.to_csv(p, index=False))
+        if overlay:
+            _atomic(out / "overlay.png",
+                    lambda p: save_overlay(self.volume.data, self.labels_ras, p,
+                                           title=self.patient_id))
+        return out
+
+
+def _atomic(path: Path, writer) -> None:
+    """Call ``writer(tmp)`` then rename ``tmp`` to ``path`` (no half-written outputs)."""
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_overlay(swi_ras: np.ndarray, labels_ras: np.ndarray, path: str | os.PathLike,
+                 title: str = "", max_panels: int = 12,
+                 truth_ras: np.ndarray | None = None) -> None:
+    """PNG montage of the axial slices holding the most lesion voxels, lesion outlines in
+    red (and the reference in green when ``truth_ras`` is given)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_slice = (labels_ras > 0).sum(axis=(0, 1))
+    if truth_ras is not None:
+        per_slice = per_slice + (truth_ras > 0).sum(axis=(0, 1))
+    order = [int(z) for z in np.argsort(-per_slice, kind="stable") if per_slice[z] > 0]
+    if not order:
+        order = [swi_ras.shape[2] // 2]
+    zs = sorted(order[:max_panels])
+    ncol = min(4, len(zs))
+    nrow = int(np.ceil(len(zs) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3 * ncol, 3.3 * nrow), squeeze=False)
+    lo, hi = np.percentile(swi_ras, [1, 99])
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, z in zip(axes.ravel(), zs):
+        ax.imshow(swi_ras[:, :, z].T, cmap="gray", origin="lower", vmin=lo, vmax=hi)
+        if truth_ras is not None and truth_ras[:, :, z].any():
+            ax.contour((truth_ras[:, :, z] > 0).T, levels=[0.5], colors="lime", linewidths=0.8)
+        if labels_ras[:, :, z].any():
+            ax.contour((labels_ras[:, :, z] > 0).T, levels=[0.5], colors="red", linewidths=0.8)
+        ax.set_title(f"slice {z}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, format="png")
+    plt.close(fig)
+
+
+class VolumePredictor:
+    """Run a trained config + weights over whole SWI volumes (see the module docstring)."""
+
+    def __init__(self, cfg: CfgNode, weights: str | None = None,
+                 region_fn: RegionFn | None = None):
+        self.cfg = cfg.clone()
+        self.model = build_model(self.cfg)
+        self.model.eval()
+        DetectionCheckpointer(self.model).load(weights or cfg.MODEL.WEIGHTS)
+        self.params = ExportParams(
+            context_offset=cfg.CMB.CONTEXT_OFFSET, target_spacing=cfg.CMB.TARGET_SPACING
+        )
+        self.region_fn = region_fn
+        self.batch_size = max(1, int(cfg.CMB.INFER.BATCH_SIZE))
+        self.input_format = cfg.INPUT.FORMAT
+
+    # ------------------------------------------------------------------ model
+    def _to_input(self, rgb: np.ndarray) -> dict:
+        img = rgb[:, :, ::-1] if self.input_format == "BGR" else rgb
+        h, w = img.shape[:2]
+        return {"image": torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1))),
+                "height": h, "width": w}
+
+    def _slice_instances(self, inst: Instances, shape: tuple[int, int]) -> tuple[list, np.ndarray]:
+        """Binary masks (pasted inside their boxes) and scores of one slice's raw output."""
+        h, w = shape
+        boxes = inst.pred_boxes.tensor.numpy()
+        scores = inst.scores.numpy()
+        probs = inst.pred_masks[:, 0].numpy() if len(inst) else np.zeros((0, 1, 1))
+        masks = []
+        for box, prob in zip(boxes, probs):
+            rs, cs, m = paste_mask_in_box(prob, box, h, w)
+            full = np.zeros((h, w), dtype=bool)
+            full[rs, cs] = m
+            masks.append(full)
+        return masks, scores
+
+    @torch.inference_mode()
+    def detect(self, prep: PreparedVolume, slices: Iterable[int] | None = None,
+               progress: bool = False) -> list[tuple[int, list[np.ndarray], np.ndarray]]:
+        """Raw slice detections ``(z, masks in export layout, scores)`` over ``slices``
+        (default: the brain slices), batched."""
+        zs = list(prep.slice_indices if slices is None else slices)
+        shape = tuple(prep.images.shape[1:])
+        out = []
+        it = range(0, len(zs), self.batch_size)
+        if progress:
+            import tqdm
+
+            it = tqdm.tqdm(it, desc="slice batches", leave=False)
+        for start in it:
+            batch = zs[start:start + self.batch_size]
+            inputs = [self._to_input(prep.rgb(z)) for z in batch]
+            raw = self.model.inference(inputs, do_postprocess=False)
+            for z, inst in zip(batch, raw):
+                masks, scores = self._slice_instances(inst.to("cpu"), shape)
+                out.append((z, masks, scores))
+        return out
+
+    # ------------------------------------------------------------------ 3D
+    def to_lesions(self, prep: PreparedVolume, detections, volume: Volume,
+                   brain_ras: np.ndarray, patient_id: str = ""):
+        """Slice detections -> 3D lesions on the RAS grid, shape-filtered, with a table."""
+        nx, ny, nz = volume.data.shape
+        infer = self.cfg.CMB.INFER
+        per_slice: list[SliceInstances] = []
+        for z, masks, scores in detections:
+            if not len(masks):
+                continue
+            planes = np.stack([image_mask_to_ras_plane(m, nx, ny) for m in masks])
+            per_slice.append((z, planes, np.asarray(scores)))
+        merged = merge_slice_instances(per_slice, (nx, ny, nz), slice_axis=2,
+                                       score_thresh=float(infer.SCORE_THRESH))
+        rej = reject_implausible(
+            merged, volume.affine, max_slices=int(infer.MAX_SLICES),
+            max_diameter_mm=float(infer.MAX_DIAMETER_MM),
+            max_elongation=float(infer.MAX_ELONGATION),
+        )
+        table = lesion_table(rej.lesions.labels, volume.affine, rej.lesions, brain_ras,
+                             self.region_fn, patient_id=patient_id)
+        return rej.lesions.labels, table, rej.rejected
+
+    def __call__(self, swi: str | os.PathLike, brain_mask: str | os.PathLike | None = None,
+                 patient_id: str = "", progress: bool = False) -> PatientPrediction:
+        """Predict one patient's lesions from an SWI NIfTI (brain mask computed if absent)."""
+        t0 = time.perf_counter()
+        case = load_case(swi, None, brain_mask, nonfinite=self.params.nonfinite)
+        prep = prepare_case(case, self.params)
+        detections = self.detect(prep, progress=progress)
+        labels, table, rejected = self.to_lesions(prep, detections, case.swi, case.brain,
+                                                  patient_id)
+        dt = time.perf_counter() - t0
+        logger.info("%s: %d lesions (%d rejected) from %d slices in %.1f s",
+                    patient_id or swi, len(table), len(rejected), len(prep.slice_indices), dt)
+        return PatientPrediction(patient_id, case.swi, labels, table, rejected, case.brain,
+                                 len(prep.slice_indices), dt)
+
+
+def empty_lesion_table() -> pd.DataFrame:
+    """An empty ``lesions.csv`` frame with the contract's columns."""
+    return pd.DataFrame(columns=LESION_COLUMNS)
