@@ -82,9 +82,8 @@ EXPORT_VERSION = 1
 DEFAULT_CONTEXT_OFFSET = 1
 DEFAULT_TARGET_SPACING = 0.5
 CATEGORIES = [{"id": 1, "name": "cmb", "supercategory": "lesion"}]
-SPLIT_NAMES_FIXED = ("dev", "external")
-# zlib level 1 + the "sub" filter + RLE strategy: ~4x faster than level 1 alone on SWI
-# slices at the same file size (benchmarks/bench_export.py); older OpenCV: level 1 only.
+# zlib level 1 + the "sub" filter + RLE strategy: 2.5-5x faster than level 1 alone on SWI
+# slices, files ~3% larger (benchmarks/bench_export.py "png_write"); older OpenCV: level 1.
 _PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 if hasattr(cv2, "IMWRITE_PNG_FILTER") and hasattr(cv2, "IMWRITE_PNG_STRATEGY_RLE"):
     _PNG_PARAMS += [
