@@ -43,13 +43,15 @@ def apply() -> None:
         shim.resource_filename = _resource_filename
         shim.__doc__ = "cmb-csvd shim: resource_filename only (setuptools >= 81 dropped it)."
         sys.modules["pkg_resources"] = shim
-    _fill_empty_extension()
 
 
-def _fill_empty_extension() -> None:
-    """Give an op-less ``detectron2._C`` the build-info functions ``collect_env`` calls."""
-    if importlib.util.find_spec("detectron2") is None:
-        return
+def fill_empty_extension() -> None:
+    """Give an op-less ``detectron2._C`` the build-info functions ``collect_env`` calls.
+
+    Not part of :func:`apply`: it imports detectron2 (and torch), which the light
+    modules of :mod:`detection` must not pay for; :func:`detection.engine.setup_cfg`
+    calls it before Detectron2's ``default_setup``.
+    """
     try:
         import detectron2._C as ext
     except ImportError:  # no extension at all: collect_env reports that by itself

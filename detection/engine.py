@@ -33,6 +33,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import BitMasks, BoxMode
 from detectron2.utils import comm
 
+from .compat import fill_empty_extension
 from .config import add_cmb_config
 
 logger = logging.getLogger(__name__)
@@ -294,6 +295,7 @@ class Trainer(DefaultTrainer):
 def setup_cfg(config_file: str | os.PathLike, opts: Sequence[str] = ()) -> CfgNode:
     """``get_cfg`` + :func:`add_cmb_config` + the YAML + command-line ``opts``; registers
     the export at ``cfg.CMB.DATA_ROOT`` when it exists."""
+    fill_empty_extension()  # default_setup -> collect_env_info needs _C's build info
     cfg = get_cfg()
     add_cmb_config(cfg)
     cfg.merge_from_file(str(config_file))

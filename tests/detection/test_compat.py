@@ -36,3 +36,14 @@ def test_class_histogram_and_bitmask_helpers_work() -> None:
 
     mask = polygons_to_bitmask([np.array([0, 0, 8, 0, 8, 8, 0, 8], dtype=float)], 10, 10)
     assert mask.dtype == bool and mask.sum() > 40
+
+
+def test_import_detection_stays_light() -> None:
+    """The numpy-only modules of ``detection`` must not drag in detectron2 or torch."""
+    code = (
+        "import sys, detection, detection.lesions; "
+        "print(any(m.split('.')[0] in ('detectron2', 'torch') for m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
