@@ -67,22 +67,29 @@ def fail(log_path: Path, message: str, tail: int = 40) -> int:
     return 1
 
 
-def install(python: str, log_path: Path) -> int:
-    """Download, verify, patch, build and install the pinned Detectron2 sdist."""
+def install(python: str, log_path: Path, sdist: Path | None = None,
+            pip_args: tuple[str, ...] = ()) -> int:
+    """Download (or take ``sdist``), verify, patch, build and install the pinned sdist."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="d2-build-") as tmp, open(log_path, "w") as log:
         tmpdir = Path(tmp)
-        print(f"[install_detectron2] downloading {SDIST_NAME}=={SDIST_VERSION} (source) ...")
-        try:
-            run_logged(
-                [python, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-                 "--no-binary", ":all:", "-d", str(tmpdir), f"{SDIST_NAME}=={SDIST_VERSION}"],
-                log,
-            )
-        except subprocess.CalledProcessError:
-            log.flush()
-            return fail(log_path, "download of the Detectron2 source distribution failed")
-        archives = sorted(tmpdir.glob("*.tar.gz"))
+        if sdist is not None:
+            if not sdist.is_file():
+                return fail(log_path, f"{sdist}: no such source archive")
+            archives = [sdist]
+        else:
+            print(f"[install_detectron2] downloading {SDIST_NAME}=={SDIST_VERSION} (source) ...")
+            try:
+                run_logged(
+                    [python, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+                     "--no-binary", ":all:", "-d", str(tmpdir),
+                     f"{SDIST_NAME}=={SDIST_VERSION}"],
+                    log,
+                )
+            except subprocess.CalledProcessError:
+                log.flush()
+                return fail(log_path, "download of the Detectron2 source distribution failed")
+            archives = sorted(tmpdir.glob("*.tar.gz"))
         if len(archives) != 1:
             return fail(log_path, f"expected one source archive, found {archives}")
         archive = archives[0]
@@ -103,7 +110,8 @@ def install(python: str, log_path: Path) -> int:
         print("[install_detectron2] building and installing (about a minute on 2 cores) ...")
         try:
             run_logged(
-                [python, "-m", "pip", "install", "--no-build-isolation", str(root)], log
+                [python, "-m", "pip", "install", "--no-build-isolation", *pip_args, str(root)],
+                log,
             )
         except subprocess.CalledProcessError:
             log.flush()
@@ -123,12 +131,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="build log path (default: <env>/detectron2-build.log)")
     parser.add_argument("--force", action="store_true",
                         help="build even when detectron2 already imports")
+    parser.add_argument("--sdist", type=Path, default=None,
+                        help="use this local copy of the source archive (offline machines); "
+                             "its sha256 is still checked")
+    parser.add_argument("--no-deps", action="store_true",
+                        help="install without Detectron2's dependencies (already present)")
     args = parser.parse_args(argv)
     if not args.force and detectron2_importable(args.python):
         print("[install_detectron2] `import detectron2` already works; nothing to do")
         return 0
     log_path = args.log or Path(sys.prefix) / "detectron2-build.log"
-    return install(args.python, log_path)
+    return install(args.python, log_path, args.sdist, ("--no-deps",) if args.no_deps else ())
 
 
 if __name__ == "__main__":
