@@ -27,6 +27,7 @@ May import :mod:`mil` (never the other way round) and matplotlib (Agg backend).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -158,6 +159,13 @@ def _clean(x: Any) -> Any:
     return x
 
 
+def _publish(tmp: str | os.PathLike, path: Path) -> None:
+    """Rename a finished temporary file onto ``path``, readable like any other output
+    (``mkstemp`` creates files with mode 0600)."""
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder + rename."""
     path = Path(path)
@@ -166,7 +174,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(text)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -184,7 +192,7 @@ def _copy_atomic(src: Path, dst: Path) -> Path:
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        _publish(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -199,7 +207,7 @@ def _save_fig(fig: Any, path: Path, dpi: int = 110) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -385,6 +393,7 @@ class _Background:
     mips: dict[str, tuple[np.ndarray, tuple[float, float, float, float]]] | None
 
 
+@functools.lru_cache(maxsize=1)
 def _background() -> _Background:
     path = mni_template_path()
     if path is None:

@@ -73,6 +73,7 @@ def _atomic_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -231,6 +232,7 @@ def attention_montage(swi_ras: np.ndarray, labels_ras: np.ndarray, top: pd.DataF
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=90, format="png")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
