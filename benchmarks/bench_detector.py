@@ -43,6 +43,7 @@ def bench_training(cfg, iters: int, skip: int = 5) -> dict:
         cfg.SOLVER.MAX_ITER = iters
         cfg.SOLVER.CHECKPOINT_PERIOD = 10**9
         cfg.TEST.EVAL_PERIOD = 0
+        cfg.DATASETS.TEST = ()  # EvalHook would otherwise evaluate after the last iteration
         cfg.freeze()
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=False)

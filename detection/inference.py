@@ -210,6 +210,8 @@ class VolumePredictor:
     def _slice_instances(self, inst: Instances, shape: tuple[int, int]) -> tuple[list, np.ndarray]:
         """Binary masks (pasted inside their boxes) and scores of one slice's raw output."""
         h, w = shape
+        # merge_slice_instances drops instances below SCORE_THRESH: never paste them.
+        inst = inst[inst.scores >= float(self.cfg.CMB.INFER.SCORE_THRESH)]
         boxes = inst.pred_boxes.tensor.numpy()
         scores = inst.scores.numpy()
         probs = inst.pred_masks[:, 0].numpy() if len(inst) else np.zeros((0, 1, 1))
@@ -250,13 +252,15 @@ class VolumePredictor:
         nx, ny, nz = volume.data.shape
         infer = self.cfg.CMB.INFER
         per_slice: list[SliceInstances] = []
+        thresh = float(infer.SCORE_THRESH)
         for z, masks, scores in detections:
-            if not len(masks):
+            keep = [i for i, s in enumerate(scores) if s >= thresh]  # merge drops the rest
+            if not keep:
                 continue
-            planes = np.stack([image_mask_to_ras_plane(m, nx, ny) for m in masks])
-            per_slice.append((z, planes, np.asarray(scores)))
+            planes = np.stack([image_mask_to_ras_plane(masks[i], nx, ny) for i in keep])
+            per_slice.append((z, planes, np.asarray(scores)[keep]))
         merged = merge_slice_instances(per_slice, (nx, ny, nz), slice_axis=2,
-                                       score_thresh=float(infer.SCORE_THRESH))
+                                       score_thresh=thresh)
         rej = reject_implausible(
             merged, volume.affine, max_slices=int(infer.MAX_SLICES),
             max_diameter_mm=float(infer.MAX_DIAMETER_MM),
