@@ -430,11 +430,18 @@ def brain_box(brain_mask: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     img = nib.load(str(brain_mask))
-    data = np.asarray(img.dataobj)
-    idx = np.argwhere(data > 0)
-    if not len(idx):
-        raise ValueError(f"brain mask {brain_mask} is empty")
-    world = idx @ img.affine[:3, :3].T + img.affine[:3, 3]
+    m = np.asarray(img.dataobj) > 0
+    if m.ndim != 3 or not m.any():
+        raise ValueError(f"brain mask {brain_mask} is empty or not 3D")
+    # World coordinates are linear in the voxel index, so along each voxel row their
+    # extremes lie at the row's first or last mask voxel: only those are transformed.
+    rows = m.any(0)
+    first = m.argmax(0)
+    last = m.shape[0] - 1 - m[::-1].argmax(0)
+    jj, kk = np.nonzero(rows)
+    pts = np.concatenate([np.stack([first[jj, kk], jj, kk], 1),
+                          np.stack([last[jj, kk], jj, kk], 1)]).astype(np.float64)
+    world = pts @ img.affine[:3, :3].T + img.affine[:3, 3]
     return world.min(0), world.max(0)
 
 
@@ -948,9 +955,13 @@ def _markdown(layout: RunLayout, m: Mapping[str, Any], det_ext, det_dev, coco, c
             add("\nPer-class AUC (MIL): " + ", ".join(
                 f"{c} {_f(v)}" for c, v in mo["auc_per_class"].items()) + ".")
         if mo.get("confusion_matrix"):
-            add("\nConfusion matrix (MIL; rows = true, columns = predicted):\n")
-            add(_table(("true \\ predicted", *CLASSES),
-                       [(c, *row) for c, row in zip(CLASSES, mo["confusion_matrix"])]))
+            bcm = ba.get("confusion_matrix") or [["-"] * len(CLASSES)] * len(CLASSES)
+            add("\nConfusion matrices (rows = true class, columns = predicted; MIL | "
+                "rule-based baseline):\n")
+            add(_table(("true \\ predicted", *(f"MIL {c}" for c in CLASSES),
+                        *(f"baseline {c}" for c in CLASSES)),
+                       [(c, *row, *brow) for c, row, brow in
+                        zip(CLASSES, mo["confusion_matrix"], bcm)]))
         add("")
     for key in ("roc_external", "confusion_external", "roc_cv", "confusion_cv"):
         if key in figures:

@@ -201,3 +201,17 @@ def test_pick_overlay_patients_cycles_classes():
     pp = pd.DataFrame({"patient_id": ["C1", "C2", "C3", "C4"], "n_ref": [1, 5, 2, 0]})
     assert R._pick_overlay_patients(cohort, pp, ["C"], 4) == ["C3", "C2", "C4", "C1"]
     assert R._pick_overlay_patients(cohort, None, ["X"], 3) == []
+
+
+def test_brain_box_matches_brute_force_with_oblique_affine(tmp_path):
+    rng = np.random.default_rng(3)
+    m = np.zeros((20, 22, 9), np.uint8)
+    m[3:17, 4:19, 1:8] = rng.random((14, 15, 7)) > 0.3
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    aff = np.array([[0.9 * c, -0.9 * s_, 0.0, 10.0], [0.9 * s_, 0.9 * c, 0.4, -5.0],
+                    [0.0, -0.2, 3.0, 2.0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(m, aff), tmp_path / "b.nii.gz")
+    lo, hi = R.brain_box(tmp_path / "b.nii.gz")
+    world = np.argwhere(m > 0) @ aff[:3, :3].T + aff[:3, 3]
+    np.testing.assert_allclose(lo, world.min(0), atol=1e-5)
+    np.testing.assert_allclose(hi, world.max(0), atol=1e-5)

@@ -209,13 +209,21 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = json.loads((out / ".pipeline" / "last_run.json").read_text())
     assert {s["status"] for s in last["stages"]} == {"up to date"}
-    # a new, unlabelled patient through the run's models
-    swi = out / "cohort" / "C_001" / "swi.nii.gz"
+    # a new, unlabelled patient from a scanner profile never used in training
+    gen = subprocess.run([sys.executable, str(REPO / "datasets" / "prepare_synthetic.py"),
+                          "--out", str(tmp_path / "newD"), "--center-profile",
+                          str(REPO / "configs" / "centers" / "example_1p5t.yaml"),
+                          "--patients-per-class", "1", "--quiet"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    pid = pd.read_csv(tmp_path / "newD" / "manifest.csv")["patient_id"].iloc[0]
     pp = subprocess.run([sys.executable, str(REPO / "tools" / "predict_patient.py"), "--run",
-                         str(out), "--swi", str(swi), "--output", str(tmp_path / "new")],
+                         str(out), "--swi", str(tmp_path / "newD" / pid / "swi.nii.gz"),
+                         "--output", str(tmp_path / "new")],
                         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert pp.returncode == 0, pp.stderr[-3000:]
-    assert (tmp_path / "new" / "C_001" / "csvd.json").is_file()
+    for name in ("cmb_pred.nii.gz", "lesions.csv", "census.csv", "csvd.json", "overlay.png"):
+        assert (tmp_path / "new" / pid / name).is_file(), name
 
 
 # ============================================================================ predict_patient
