@@ -70,6 +70,9 @@ DEFAULT_CONFIG = "configs/CMB-RCNN-Lite-FPN-cpu.yaml"
 DEFAULT_MIL_CONFIG = "configs/mil/gated_attention.yaml"
 BUILTIN_CENTERS: tuple[str, ...] = ("A", "B", "C")
 STAMP_VERSION = 1
+#: Bag crops and features (detection/bags.py); predict_patient reads them from bags_meta.json.
+BAG_PARAMS: dict[str, Any] = {"crop_mm": 16.0, "crop_px": 32, "context_offset": 1,
+                              "shell_mm": 3.0}
 
 
 # ============================================================================ stage runner
@@ -411,8 +414,7 @@ class Demo:
                            L.lesion_split("development") / "metrics.json"),
                   dirs=(L.lesions,), description="lesion metrics"),
             Stage("bags", self.run_bags,
-                  {"source": "in-fold", "external": self.external, "crop_mm": 16.0,
-                   "crop_px": 32, "context_offset": 1},
+                  {"source": "in-fold", "external": self.external, **BAG_PARAMS},
                   deps=("cohort", "predict"), outputs=(L.bag_index,), dirs=(L.bags,),
                   description="MIL bags from the detections"),
             Stage("mil", self.run_mil, self.mil_params, deps=("bags",),
@@ -634,7 +636,7 @@ class Demo:
 
         L = self.L
         index = write_bags(L.predict, L.manifest, L.bags, source="in-fold",
-                           workers=max(1, self.args.workers), progress=True)
+                           workers=max(1, self.args.workers), progress=True, **BAG_PARAMS)
         # The external centre's detections come from a model that never saw the centre.
         df = pd.read_csv(index, dtype=str, keep_default_na=False)
         ext = df["center"].isin(self.external)
