@@ -35,6 +35,8 @@ def add_cmb_config(cfg: CN) -> None:
     _C.CMB.AUG.SCALE = (0.9, 1.1)  # random isotropic rescale range
     _C.CMB.AUG.BRIGHTNESS = 0.1  # intensity shift, fraction of the 8-bit range
     _C.CMB.AUG.CONTRAST = (0.8, 1.2)  # multiplicative contrast range
+    _C.CMB.AUG.BLUR_SIGMA = 0.0  # max Gaussian blur (px): thicker slices / softer scanners
+    _C.CMB.AUG.NOISE_STD = 0.0  # max additive noise (8-bit grey levels): lower SNR
     _C.CMB.AUG.CROP_SIZE = 0  # square training crop (px); 0 = whole slice
     _C.CMB.AUG.CROP_KEEP_LESION_PROB = 0.8  # share of crops placed to contain a lesion
 
