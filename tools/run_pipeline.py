@@ -44,6 +44,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -761,6 +762,11 @@ def main(argv: list[str] | None = None) -> int:
                  "development patients per class)")
     demo = Demo(args)
     L = demo.L
+
+    def _terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminate)  # stop like Ctrl-C: child ended, stage unmarked
     _setup_logging(L.log, args.verbose)
     logger.info("run folder %s", L.root)
     from tqdm.contrib.logging import logging_redirect_tqdm
