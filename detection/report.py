@@ -1026,6 +1026,11 @@ def _markdown(layout: RunLayout, m: Mapping[str, Any], det_ext, det_dev, coco, c
         "**CPU schedule.** The detector is trained from scratch for a short schedule on 2 "
         "CPU cores (the CPU config); the GPU config trains longer.",
     ]
+    weights = str(run.get("weights", ""))
+    if weights and weights != "trained in this run":
+        notes.append(f"**Detector reused** (`--skip-train`): weights `{weights}`, trained "
+                     "elsewhere; the training time is not in the stage timings below and "
+                     "its COCO AP is not part of this run.")
     if bag_src := (m.get("bags") or {}).get("bag_source"):
         notes.append(f"Bag provenance (index column `bag_source`): `{json.dumps(bag_src)}`.")
     add("\n".join(f"- {n}" for n in notes))
