@@ -11,8 +11,12 @@ import pytest
 from detectron2.config import get_cfg
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# configs/mil holds MIL hyper-parameters and configs/centers synthetic scanner profiles;
+# everything else is a Detectron2 config.
+NOT_DETECTRON2 = ("mil", "centers")
 DETECTRON2_CONFIGS = sorted(
-    p for p in CONFIG_DIR.rglob("*.yaml") if not p.relative_to(CONFIG_DIR).parts[0] == "mil"
+    p for p in CONFIG_DIR.rglob("*.yaml")
+    if p.relative_to(CONFIG_DIR).parts[0] not in NOT_DETECTRON2
 )
 
 
