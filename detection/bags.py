@@ -60,6 +60,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from mil import FEATURE_NAMES as MIL_FEATURE_NAMES
 from mil.bagio import save_bag, write_index
 
 from .data.volume import (
@@ -87,22 +88,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Instance feature columns written by :func:`lesion_features` (same as ``mil.FEATURE_NAMES``).
-FEATURE_NAMES: tuple[str, ...] = (
-    "score",
-    "volume_mm3",
-    "diameter_mm",
-    "elongation",
-    "contrast",
-    "n_slices",
-    "region_lobar",
-    "region_deep",
-    "region_infratentorial",
-    "depth_mm",
-    "pos_lr",
-    "pos_ap",
-    "pos_si",
-)
+#: Instance feature columns written by :func:`lesion_features`: the bag contract's names,
+#: defined once in :mod:`mil` (detection may import mil; never the reverse).
+FEATURE_NAMES: tuple[str, ...] = MIL_FEATURE_NAMES
 
 BagSource = Literal["in-fold", "out-of-fold", "ground-truth"]
 BAG_SOURCES: tuple[str, ...] = ("in-fold", "out-of-fold", "ground-truth")

@@ -54,7 +54,23 @@ __all__ = [
 ]
 
 
-class IntensityTransform(T.Transform):
+class _PhotometricTransform(T.Transform):
+    """A transform that changes grey levels only: boxes, coordinates and masks stay."""
+
+    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        """Coordinates do not move."""
+        return coords
+
+    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
+        """Masks do not change."""
+        return segmentation
+
+    def inverse(self) -> T.Transform:
+        """Geometric inverse (identity: no geometry)."""
+        return T.NoOpTransform()
+
+
+class IntensityTransform(_PhotometricTransform):
     """``image * contrast + shift`` around the image mean; geometry is untouched."""
 
     def __init__(self, contrast: float, shift: float):
@@ -69,18 +85,6 @@ class IntensityTransform(T.Transform):
         if img.dtype == np.uint8:
             return np.clip(out, 0, 255).astype(np.uint8)
         return out.astype(img.dtype)
-
-    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
-        """Coordinates do not move."""
-        return coords
-
-    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
-        """Masks do not change."""
-        return segmentation
-
-    def inverse(self) -> T.Transform:
-        """Geometric inverse (identity: this transform has no geometry)."""
-        return T.NoOpTransform()
 
 
 class IntensityJitter(T.Augmentation):
@@ -100,7 +104,7 @@ class IntensityJitter(T.Augmentation):
         return IntensityTransform(c, s)
 
 
-class NoiseBlurTransform(T.Transform):
+class NoiseBlurTransform(_PhotometricTransform):
     """Gaussian blur (``sigma`` px) then additive Gaussian noise (``noise_std`` grey
     levels, drawn from ``seed``); geometry is untouched."""
 
@@ -119,18 +123,6 @@ class NoiseBlurTransform(T.Transform):
         if img.dtype == np.uint8:
             return np.clip(out, 0, 255).astype(np.uint8)
         return out.astype(img.dtype)
-
-    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
-        """Coordinates do not move."""
-        return coords
-
-    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
-        """Masks do not change."""
-        return segmentation
-
-    def inverse(self) -> T.Transform:
-        """Geometric inverse (identity)."""
-        return T.NoOpTransform()
 
 
 class NoiseBlur(T.Augmentation):
