@@ -365,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mil-model", help="MIL model folder (default <run>/mil/model)")
     ap.add_argument("--top-k", type=int, default=5, help="lesions listed as weighing most")
     ap.add_argument("--no-overlay", action="store_true", help="skip overlay.png")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default %(default)s: next to other processes, "
+                         "more threads were several times slower)")
     ap.add_argument("opts", nargs=argparse.REMAINDER,
                     help="Detectron2 config overrides KEY VALUE ...")
     return ap
@@ -388,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_root = Path(args.output)
     out_root.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     predictor = PatientPredictor(files, opts, top_k=args.top_k, overlay=not args.no_overlay)
     from tqdm import tqdm
 

@@ -184,7 +184,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     cmd = [sys.executable, str(REPO / "tools" / "run_pipeline.py"), "--output", str(out),
-           "--patients-per-class", "3", "--workers", "1",
+           "--patients-per-class", "3", "--workers", "2",
            "--config-file", "configs/quick_schedules/cmb_R_18_FPN_instant_test.yaml",
            "--mil-config", "configs/mil/quick_test.yaml",
            "--mil-opt", "max_epochs=2", "--mil-opt", "min_epochs=1", "--mil-opt", "n_folds=2",
