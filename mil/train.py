@@ -391,8 +391,20 @@ def _json_default(o: object) -> object:
     return str(o)
 
 
+def _nan_to_none(o: object) -> object:
+    """Undefined values (NaN, e.g. an AUC on a one-class split) become JSON null."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _nan_to_none(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_nan_to_none(v) for v in o]
+    return o
+
+
 def _write_json(path: Path, data: dict) -> None:
-    _atomic_text(path, json.dumps(data, indent=2, default=_json_default, allow_nan=False) + "\n")
+    text = json.dumps(_nan_to_none(data), indent=2, default=_json_default, allow_nan=False)
+    _atomic_text(path, text + "\n")
 
 
 # ---------------------------------------------------------------------------- protocol

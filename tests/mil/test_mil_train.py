@@ -213,3 +213,15 @@ def test_index_folds_and_bag_provenance(tmp_path: Path, synthetic_index: Path) -
     for k in range(4):  # stratified: every class in every fold
         assert set(y[strat == k]) == {0, 1, 2}
     assert _bag_provenance(index, synthetic_index)["bag_source"] == {"out_of_fold": 63}
+
+
+def test_metrics_json_writes_undefined_values_as_null(tmp_path) -> None:
+    """A fold whose validation split holds one class has an undefined (NaN) AUC."""
+    import json
+    import math
+
+    from mil.train import _write_json
+
+    out = tmp_path / "m.json"
+    _write_json(out, {"val_auc": math.nan, "folds": [{"auc": float("inf")}, {"auc": 0.5}]})
+    assert json.loads(out.read_text()) == {"val_auc": None, "folds": [{"auc": None}, {"auc": 0.5}]}
