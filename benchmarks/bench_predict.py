@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row))
     result = {
         "benchmark": "predict seconds per patient: VolumePredictor vs DefaultPredictor per slice",
-        "config": args.config_file, "weights": args.weights, "device": args.device,
+        "config": args.config_file, "weights": Path(args.weights).name, "device": args.device,
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "machine": platform.platform(), "load_average": os.getloadavg(),
         "patients": rows,
