@@ -186,7 +186,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
 
 
-def _copy_atomic(src: Path, dst: Path) -> Path:
+def copy_atomic(src: Path, dst: Path) -> Path:
+    """Copy ``src`` to ``dst`` through a temporary file in the same folder + rename."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     os.close(fd)
@@ -768,7 +769,7 @@ def build_report(layout: RunLayout | str | os.PathLike, *,
     for name in ("roc_external", "confusion_external", "roc_cv", "confusion_cv"):
         src = layout.mil / f"{name}.png"
         if src.is_file():
-            figures[name] = _copy_atomic(src, fig_dir / f"{name}.png")
+            figures[name] = copy_atomic(src, fig_dir / f"{name}.png")
     pp_path = layout.lesion_split("external") / "per_patient.csv"
     per_patient = pd.read_csv(pp_path, dtype={"patient_id": str}) if pp_path.is_file() else None
     say("overlays")

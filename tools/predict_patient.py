@@ -51,6 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from detection.report import write_json_atomic, write_text_atomic  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -65,31 +67,6 @@ TOP_COLUMNS: tuple[str, ...] = ("lesion_id", "attention", "rank", "region", "sub
 
 class InputError(ValueError):
     """Bad command-line input or an incomplete run folder (message names the file)."""
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _clean(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 def run_files(run: str | os.PathLike, config_file: str | None = None, weights: str | None = None,
@@ -290,7 +267,7 @@ class PatientPredictor:
         pred = self.detector(swi, brain_mask or None, patient_id=patient_id)
         pred.write(out, overlay=False)
         table = pred.table.reset_index(drop=True)
-        _atomic_text(out / "census.csv", region_census(table).to_csv(index=False))
+        write_text_atomic(out / "census.csv", region_census(table).to_csv(index=False))
         bag_path, n = write_patient_bag(out / "bag.npz", patient_id, pred.volume,
                                         pred.labels_ras, table, pred.brain_ras,
                                         **self.bag_params)
@@ -306,7 +283,7 @@ class PatientPredictor:
         att_df = att_df.sort_values("attention", ascending=False, kind="stable")
         att_df["rank"] = np.arange(1, len(att_df) + 1)
         cols = [c for c in TOP_COLUMNS if c in att_df.columns]
-        _atomic_text(out / "attention.csv", att_df[cols].to_csv(index=False))
+        write_text_atomic(out / "attention.csv", att_df[cols].to_csv(index=False))
         top = att_df.head(self.top_k)
         counts = {r: int((table["region"] == r).sum()) if len(table) else 0 for r in REGIONS}
         pred_class = CLASSES[int(np.argmax(p))]
@@ -324,21 +301,19 @@ class PatientPredictor:
             "n_lesions": int(len(table)),
             "lesions_per_region": counts,
             "n_rejected_candidates": int(len(pred.rejected)),
-            "top_lesions": [{k: _clean(v) for k, v in row.items()}
-                            for row in top[cols].to_dict("records")],
+            "top_lesions": top[cols].to_dict("records"),
             "models": {k: str(v) for k, v in self.files.items()},
             "notes": "Attention: the share of the patient's evidence the MIL model took from "
                      "each lesion (sums to 1 over the lesions; empty bag: none). Research "
                      "software, not a medical device.",
         }
-        (out / "csvd.json").parent.mkdir(parents=True, exist_ok=True)
-        _atomic_text(out / "csvd.json", json.dumps(_clean(result), indent=2) + "\n")
+        write_json_atomic(out / "csvd.json", result)  # NaN -> null, numpy -> Python
         row = {"patient_id": patient_id, "predicted_class": pred_class,
                **{f"prob_{c}": float(v) for c, v in zip(CLASSES, p)},
                "baseline_class": CLASSES[int(base_c[0])], "n_lesions": int(len(table)),
                **{f"n_{r}": counts[r] for r in REGIONS},
                "top_lesion_ids": " ".join(str(int(i)) for i in top["lesion_id"])}
-        _atomic_text(out / "csvd.csv", pd.DataFrame([row]).to_csv(index=False))
+        write_text_atomic(out / "csvd.csv", pd.DataFrame([row]).to_csv(index=False))
         if self.overlay:
             title = (f"{patient_id}: {len(table)} CMB(s); MIL {pred_class} "
                      f"(p = {p.max():.2f}); yellow = highest attention")
@@ -403,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         age = float(r.age) if r.age is not None and not pd.isna(r.age) else math.nan
         rows.append(predictor(str(r.patient_id), str(r.swi), str(r.brain_mask or ""), age,
                               out_root))
-    _atomic_text(out_root / "predictions.csv", pd.DataFrame(rows).to_csv(index=False))
+    write_text_atomic(out_root / "predictions.csv", pd.DataFrame(rows).to_csv(index=False))
     for row in rows:
         print(f"{row['patient_id']}: {row['n_lesions']} CMB(s) -> {row['predicted_class']} "
               f"(" + ", ".join(f"{c} {row[f'prob_{c}']:.2f}" for c in CLASSES) + ")")

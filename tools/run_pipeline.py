@@ -48,7 +48,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -60,7 +59,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from detection.report import RunLayout, update_stage_timings, write_json_atomic  # noqa: E402
+from detection.report import (  # noqa: E402
+    RunLayout,
+    copy_atomic,
+    update_stage_timings,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 logger = logging.getLogger("cmb.pipeline")
 #: Tracebacks of failed stages: into pipeline.log, kept off the console.
@@ -327,32 +332,6 @@ def _file_stamp(path: Path) -> dict[str, Any]:
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _atomic_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 PREDICT_OUTPUTS: tuple[str, ...] = ("cmb_pred.nii.gz", "lesions.csv", "overlay.png")
 _PREDICTOR: Any = None
 
@@ -537,10 +516,10 @@ class Demo:
         L = self.L
         L.train.mkdir(parents=True, exist_ok=True)
         cfg = self.cfg()
-        _atomic_text(L.config, cfg.dump())
+        write_text_atomic(L.config, cfg.dump())
         if self.args.skip_train:
             assert self.weights is not None
-            _atomic_copy(self.weights, L.weights)
+            copy_atomic(self.weights, L.weights)
             return f"weights reused from {self.weights}"
         cmd = [sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file",
                str(self.config_file)]
@@ -585,7 +564,7 @@ class Demo:
                               f"{log_path}; last lines:\n    " + "\n    ".join(tail[-12:]))
         if not L.weights.is_file():
             raise StageFailed(f"training finished but {L.weights} is missing (see {log_path})")
-        _atomic_text(L.config, cfg.dump())  # Detectron2 rewrote it; keep the run's own dump
+        write_text_atomic(L.config, cfg.dump())  # Detectron2 rewrote it; keep the run's own dump
         return f"{max_iter} iterations"
 
     # ------------------------------------------------------------------ 4 predict
@@ -644,8 +623,8 @@ class Demo:
                                for r in ("lobar", "deep", "infratentorial")}})
         all_df = (pd.concat(tables, ignore_index=True) if tables
                   else pd.read_csv(L.predict / str(cohort.iloc[0]["patient_id"]) / "lesions.csv"))
-        _atomic_text(L.predict / "lesions_all.csv", all_df.to_csv(index=False))
-        _atomic_text(L.predict / "predict_summary.csv",
+        write_text_atomic(L.predict / "lesions_all.csv", all_df.to_csv(index=False))
+        write_text_atomic(L.predict / "predict_summary.csv",
                      pd.DataFrame(summary).to_csv(index=False))
         dt = time.perf_counter() - t0
         return (f"{len(cohort)} patients, {len(all_df)} lesions"
@@ -671,7 +650,7 @@ class Demo:
             man = out / "manifest.csv"
             cols = [c for c in ("patient_id", "center", "label", "swi", "cmb_mask", "brain_mask",
                                 "age") if c in sub.columns]
-            _atomic_text(man, sub[cols].to_csv(index=False))
+            write_text_atomic(man, sub[cols].to_csv(index=False))
             res = evaluate_prediction_dir(self.L.predict, man, out)
             pp = res.metrics["per_patient"]
             notes.append(f"{split}: Dice {pp['dice']['mean']:.3f}, recall "
@@ -694,7 +673,7 @@ class Demo:
         df = pd.read_csv(index, dtype=str, keep_default_na=False)
         ext = df["center"].isin(self.external)
         df.loc[ext, "bag_source"] = "external-unseen"
-        _atomic_text(index, df.to_csv(index=False))
+        write_text_atomic(index, df.to_csv(index=False))
         df = read_index(index)
         return (f"{len(df)} bags ({int((~ext).sum())} in-fold development, {int(ext.sum())} "
                 f"external), {int(df['n_instances'].sum())} lesions")
