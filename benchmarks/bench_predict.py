@@ -6,7 +6,11 @@ time, with its full-image mask pasting; its slice detections go through the same
 merging, rejection and lesion table. Candidate: ``VolumePredictor`` (brain slices only,
 batched, masks pasted inside their boxes). Both include loading and preparing the
 volume. The detections are compared: lesion counts, lesion centres and the voxel Dice
-between the two label volumes.
+between the two label volumes. Both run on one thread (``OMP_NUM_THREADS=1``).
+
+With ``--workers N`` the candidate also runs the same patients the way
+``tools/predict.py`` / ``tools/run_pipeline.py`` run a cohort: N single-thread processes,
+one patient each at a time; its seconds per patient is the wall time over the patients.
 
     python benchmarks/bench_predict.py --config-file configs/CMB-RCNN-Lite-FPN-cpu.yaml \\
         --weights output/demo/detector/model_final.pth --manifest M --center C --patients 3
@@ -68,6 +72,34 @@ def compare(labels_a: np.ndarray, labels_b: np.ndarray, table_a, table_b) -> dic
             "identical_labels": bool(np.array_equal(labels_a, labels_b))}
 
 
+_WORKER: dict = {}
+
+
+def _worker_init(cfg, weights: str) -> None:
+    torch.set_num_threads(1)
+    _WORKER["vp"] = VolumePredictor(cfg, weights)
+
+
+def _worker_predict(job: tuple[str, str, str]):
+    swi, brain, pid = job
+    pred = _WORKER["vp"](swi, brain or None, patient_id=pid)
+    return pid, pred.labels_ras, pred.table
+
+
+def cohort_run(cfg, weights: str, jobs: list[tuple[str, str, str]], workers: int):
+    """Candidate as a cohort run: ``workers`` single-thread processes; wall seconds and
+    each patient's (labels, table)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(cfg, weights)) as pool:
+        pool.map(_worker_predict, jobs[:workers])  # warm-up: model load, first buffers
+        t0 = time.perf_counter()
+        out = pool.map(_worker_predict, jobs, chunksize=1)
+        wall = time.perf_counter() - t0
+    return wall, {pid: (lab, tab) for pid, lab, tab in out}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both predictors on the same patients and write the JSON result."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -77,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--center", default=None, help="take patients of this centre")
     p.add_argument("--patients", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=0,
+                   help="also time the candidate as a cohort run with N processes")
     p.add_argument("--output", default="benchmarks/results/predict.json")
     args = p.parse_args(argv)
 
@@ -89,10 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     vp = VolumePredictor(cfg, args.weights)
     naive = DefaultPredictor(cfg)
     rows = []
+    baseline_out = {}
     for rec in cohort.itertuples(index=False):
         # Warm-up excluded from timing: the first call of each allocates buffers.
+        if not rows:
+            naive_patient(naive, vp, rec.swi, rec.brain_mask, rec.patient_id)
+            vp(rec.swi, rec.brain_mask or None, patient_id=rec.patient_id)
         t_base, lab_b, tab_b, n_all = naive_patient(naive, vp, rec.swi, rec.brain_mask,
                                                     rec.patient_id)
+        baseline_out[rec.patient_id] = (lab_b, tab_b)
         t0 = time.perf_counter()
         pred = vp(rec.swi, rec.brain_mask or None, patient_id=rec.patient_id)
         t_cand = time.perf_counter() - t0
@@ -112,6 +151,20 @@ def main(argv: list[str] | None = None) -> int:
         "mean_candidate_s": round(float(np.mean([r["candidate_s"] for r in rows])), 2),
     }
     result["speedup"] = round(result["mean_baseline_s"] / result["mean_candidate_s"], 2)
+    if args.workers > 1:
+        jobs = [(r.swi, r.brain_mask or "", r.patient_id) for r in cohort.itertuples(index=False)]
+        wall, preds = cohort_run(cfg, args.weights, jobs, args.workers)
+        same = [compare(baseline_out[pid][0], lab, baseline_out[pid][1], tab)
+                for pid, (lab, tab) in preds.items()]
+        per = wall / len(jobs)
+        result["cohort_run"] = {
+            "workers": args.workers, "patients": len(jobs), "wall_s": round(wall, 2),
+            "seconds_per_patient": round(per, 2),
+            "speedup_vs_baseline": round(result["mean_baseline_s"] / per, 2),
+            "identical_labels_all": all(c["identical_labels"] for c in same),
+            "min_voxel_dice": min(c["voxel_dice"] for c in same),
+        }
+        print(json.dumps(result["cohort_run"]))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")

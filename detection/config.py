@@ -23,6 +23,13 @@ def add_cmb_config(cfg: CN) -> None:
     # In-plane spacing (mm) slices are resampled to before export and inference;
     # 0 keeps the native spacing. Small values make 2 mm bleeds span several pixels.
     _C.CMB.TARGET_SPACING = 0.5
+    # Skull strip: voxels farther than this (mm) from the brain mask are set to 0 in the
+    # exported and predicted slices (< 0 keeps the whole head). CMBs are parenchymal; the
+    # dark gap between brain and scalp is where detectors fire on unseen scanners.
+    _C.CMB.BRAIN_MARGIN_MM = -1.0
+    # Intensity shading: divide out a polynomial field of this degree fitted to the brain's
+    # log intensity before the percentile scaling (0 = off). Scanners differ much in it.
+    _C.CMB.BIAS_DEGREE = 0
     # Training loader: slices with at least one CMB are drawn this many times more
     # often than empty slices (1.0 = no oversampling).
     _C.CMB.POSITIVE_OVERSAMPLE = 4.0
@@ -57,3 +64,6 @@ def add_cmb_config(cfg: CN) -> None:
     _C.CMB.INFER.MAX_SLICES = 6  # lesions spanning more slices look like veins
     _C.CMB.INFER.MAX_DIAMETER_MM = 10.0  # CMBs are 2-10 mm (REFERENCES.md)
     _C.CMB.INFER.MAX_ELONGATION = 3.0  # principal-axis ratio above which a lesion is tubular
+    # Share of a lesion's voxels that must lie in the brain mask (CMBs are parenchymal;
+    # 0 disables the test).
+    _C.CMB.INFER.MIN_BRAIN_FRACTION = 0.5

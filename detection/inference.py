@@ -12,7 +12,8 @@ voxel, or the best-covered voxel for a lesion smaller than one voxel), merged in
 lesions with :func:`detection.lesions.merge_slice_instances` (10-connectivity: 8 in-plane,
 2 through-plane; same-slice overlaps unioned; lesion score = max instance score),
 filtered by :func:`detection.lesions.reject_implausible` (``CMB.INFER.MAX_SLICES``,
-``MAX_DIAMETER_MM``, ``MAX_ELONGATION``) and described by
+``MAX_DIAMETER_MM``, ``MAX_ELONGATION``, and ``MIN_BRAIN_FRACTION`` of the lesion's voxels
+inside the brain mask) and described by
 :func:`detection.lesions.lesion_table` with a MARS-style region.
 
 Outputs per patient (DESIGN.md contract 3): ``cmb_pred.nii.gz`` (instance ids on the input
@@ -193,8 +194,21 @@ class VolumePredictor:
         self.model = build_model(self.cfg)
         self.model.eval()
         DetectionCheckpointer(self.model).load(weights or cfg.MODEL.WEIGHTS)
+        # Instances under INFER.SCORE_THRESH are dropped before 3D merging, so the ROI
+        # heads need not score-filter lower: greedy NMS only lets a higher-scoring box
+        # suppress a lower one, so the kept boxes >= the threshold are the same, and the
+        # mask head no longer runs on the discarded low-score boxes.
+        predictor = getattr(getattr(self.model, "roi_heads", None), "box_predictor", None)
+        if predictor is not None and hasattr(predictor, "test_score_thresh"):
+            predictor.test_score_thresh = max(float(predictor.test_score_thresh),
+                                              float(cfg.CMB.INFER.SCORE_THRESH))
+        if self.model.device.type == "cpu":
+            # oneDNN convolutions run ~1.5x faster on channels-last tensors on CPU.
+            self.model.to(memory_format=torch.channels_last)
         self.params = ExportParams(
-            context_offset=cfg.CMB.CONTEXT_OFFSET, target_spacing=cfg.CMB.TARGET_SPACING
+            context_offset=cfg.CMB.CONTEXT_OFFSET, target_spacing=cfg.CMB.TARGET_SPACING,
+            brain_margin_mm=float(cfg.CMB.BRAIN_MARGIN_MM),
+            bias_degree=int(cfg.CMB.BIAS_DEGREE),
         )
         self.region_fn = region_fn
         self.batch_size = max(1, int(cfg.CMB.INFER.BATCH_SIZE))
@@ -265,6 +279,7 @@ class VolumePredictor:
             merged, volume.affine, max_slices=int(infer.MAX_SLICES),
             max_diameter_mm=float(infer.MAX_DIAMETER_MM),
             max_elongation=float(infer.MAX_ELONGATION),
+            brain_mask=brain_ras, min_brain_fraction=float(infer.MIN_BRAIN_FRACTION),
         )
         table = lesion_table(rej.lesions.labels, volume.affine, rej.lesions, brain_ras,
                              self.region_fn, patient_id=patient_id)

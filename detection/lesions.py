@@ -29,7 +29,11 @@ Rules (stated once, used everywhere)
   thick slices is not called tubular. Major/intermediate measures tubularity (vein);
   major/minor would also flag flat lesions, which thick and missed slices produce.
   ``max_slices`` counts slices: with thin slices (< 1.5 mm) raise it so that a 10 mm
-  bleed still fits.
+  bleed still fits. With a brain mask, a candidate with less than
+  ``min_brain_fraction`` (0.5) of its voxels inside the mask is rejected as
+  ``outside brain``: CMBs lie in the parenchyma, and the dark gap between the brain and
+  the scalp (CSF, bone) is where a slice detector fires on a scanner it was not trained
+  on.
 * **Regions without registration** (:func:`assign_regions_geometry`): see that function.
 * **Regions with an atlas** (:func:`assign_regions_atlas`): affine registration of the
   brain mask to the MNI ICBM152 2009a brain mask, then an MNI-space atlas look-up.
@@ -343,12 +347,16 @@ def reject_implausible(
     max_diameter_mm: float = 10.0,
     max_elongation: float = 3.0,
     slice_axis: int = 2,
+    brain_mask: np.ndarray | None = None,
+    min_brain_fraction: float = 0.5,
 ) -> Rejection:
-    """Drop 3D candidates whose shape contradicts a CMB (rules in the module docstring).
+    """Drop 3D candidates whose shape or place contradicts a CMB (rules in the module
+    docstring).
 
     ``lesions`` is a :class:`MergedLesions` or a bare label volume (scores then NaN);
     ``affine`` a 4x4 voxel-to-world matrix or 3 voxel spacings (mm). A limit set to
-    ``None``-like ``inf`` disables that test. Every rejection is logged at INFO.
+    ``None``-like ``inf`` disables that test; ``brain_mask`` (same grid as the labels)
+    enables the ``min_brain_fraction`` test. Every rejection is logged at INFO.
     """
     if not isinstance(lesions, MergedLesions):
         labels = np.asarray(lesions).astype(np.int32, copy=False)
@@ -356,9 +364,23 @@ def reject_implausible(
         nan = np.full(n, np.nan)
         lesions = MergedLesions(labels, nan, nan.copy(), np.zeros(n, dtype=np.int64))
     shapes = lesion_shapes(lesions.labels, affine, slice_axis=slice_axis)
+    in_brain: dict[int, float] = {}
+    if brain_mask is not None and len(shapes):
+        brain = np.asarray(brain_mask)
+        if brain.shape != lesions.labels.shape:
+            raise ValueError(f"brain mask shape {brain.shape} differs from the label volume "
+                             f"{lesions.labels.shape}")
+        ids = shapes["lesion_id"].to_numpy()
+        inside = ndi.sum(brain > 0, lesions.labels, ids)
+        in_brain = {int(i): float(v) / float(n) for i, v, n in
+                    zip(ids, inside, shapes["n_voxels"].to_numpy(), strict=True)}
     kept, rej = [], []
     for row in shapes.itertuples(index=False):
         reasons = []
+        frac = in_brain.get(int(row.lesion_id), 1.0)
+        if frac < min_brain_fraction:
+            reasons.append(f"outside brain: {frac:.0%} of voxels in the brain mask "
+                           f"< {min_brain_fraction:.0%}")
         if row.n_slices > max_slices:
             reasons.append(f"tubular: spans {row.n_slices} slices > {max_slices}")
         if row.max_inplane_mm > max_diameter_mm:

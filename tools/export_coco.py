@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="in-plane spacing in mm; 0 keeps the native grid (default %(default)s)")
     ap.add_argument("--slices", choices=("brain", "all"), default="brain",
                     help="export slices with brain (or lesion) voxels, or all slices")
+    ap.add_argument("--brain-margin-mm", type=float, default=-1.0,
+                    help="set voxels farther than this (mm) from the brain mask to 0 "
+                         "(skull strip; match the detector config's CMB.BRAIN_MARGIN_MM); "
+                         "negative keeps the whole head (default %(default)s)")
+    ap.add_argument("--bias-degree", type=int, default=0,
+                    help="divide out a smooth intensity field (polynomial of this degree fitted "
+                         "in the brain) before scaling; match CMB.BIAS_DEGREE; 0 = off")
     ap.add_argument("--folds", type=int, default=5, help="patient-level folds (0: none)")
     ap.add_argument("--external-center", action="append", default=[], metavar="C",
                     help="held-out centre (repeatable, or comma separated)")
@@ -67,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             context_offset=args.context_offset,
             target_spacing=args.target_spacing,
+            brain_margin_mm=args.brain_margin_mm,
+            bias_degree=args.bias_degree,
             slices=args.slices,
             folds=args.folds,
             external_centers=centers,

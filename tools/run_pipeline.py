@@ -450,6 +450,8 @@ class Demo:
         n_dev = int((~centers.isin(self.external)).sum())
         return {"target_spacing": float(cfg.CMB.TARGET_SPACING),
                 "context_offset": int(cfg.CMB.CONTEXT_OFFSET),
+                "brain_margin_mm": float(cfg.CMB.BRAIN_MARGIN_MM),
+                "bias_degree": int(cfg.CMB.BIAS_DEGREE),
                 # patient folds for users' CV runs (the demo trains on all of cmb_dev)
                 "folds": 5 if n_dev >= 10 else 0,
                 "external": self.external, "seed": self.args.seed}
@@ -506,6 +508,8 @@ class Demo:
         p = self.export_params()
         s = export_coco(self.L.manifest, self.L.coco, context_offset=p["context_offset"],
                         target_spacing=p["target_spacing"], folds=p["folds"],
+                        brain_margin_mm=p["brain_margin_mm"],
+                        bias_degree=p["bias_degree"],
                         external_centers=self.external, workers=max(1, self.args.workers),
                         seed=self.args.seed, progress=True)
         return f"{s.n_images} slices, {s.n_annotations} annotations"

@@ -41,6 +41,7 @@ import cv2
 import numpy as np
 import pandas as pd
 from pycocotools import mask as mask_util
+from scipy import ndimage
 
 from .manifest import LABELS, check_grids, read_cohort
 from .volume import (
@@ -48,6 +49,7 @@ from .volume import (
     Case,
     CohortError,
     NonFinitePolicy,
+    correct_bias,
     load_case,
     ras_to_original,
     to_uint8,
@@ -107,6 +109,12 @@ class ExportParams:
     percentiles: tuple[float, float] = (1.0, 99.0)
     nonfinite: NonFinitePolicy = "error"
     connectivity: int = LESION_CONNECTIVITY
+    # >= 0: voxels farther than this (mm) from the brain mask are set to 0 (skull strip);
+    # < 0 keeps the whole head.
+    brain_margin_mm: float = -1.0
+    # > 0: divide out a smooth intensity field (polynomial of this degree fitted to the
+    # brain's log intensity) before the percentile scaling; 0 = off.
+    bias_degree: int = 0
 
     def __post_init__(self) -> None:
         if self.context_offset < 0:
@@ -252,14 +260,32 @@ def prepare_volume(
     return prep
 
 
+def brain_with_margin(brain: np.ndarray, spacing: Sequence[float], margin_mm: float) -> np.ndarray:
+    """The brain mask grown by ``margin_mm`` (Euclidean, in mm on the voxel grid). An
+    empty mask keeps everything (nothing to strip against)."""
+    brain = np.asarray(brain, dtype=bool)
+    if not brain.any():
+        return np.ones_like(brain)
+    if margin_mm <= 0:
+        return brain.copy()
+    dist = ndimage.distance_transform_edt(~brain, sampling=[float(s) for s in spacing])
+    return dist <= margin_mm
+
+
 def prepare_case(case: Case, params: ExportParams | None = None) -> PreparedVolume:
     """Normalise and resample a loaded case into export-layout slices (the case is not
     modified). The entry point for volume inference: same slices as training."""
     params = params or ExportParams()
     vol = case.swi
-    norm, lo, hi = _normalize(vol.data, case.brain, params.percentiles)
+    data = vol.data
+    if params.bias_degree > 0:
+        data = correct_bias(data, case.brain, vol.spacing, params.bias_degree)
+    norm, lo, hi = _normalize(data, case.brain, params.percentiles)
+    del data
     grey = to_uint8(norm)
     del norm
+    if params.brain_margin_mm >= 0:
+        grey[~brain_with_margin(case.brain, vol.spacing, params.brain_margin_mm)] = 0
     nx, ny, nz = grey.shape
     sx, sy, sz = vol.spacing
     height, width = inplane_shape(nx, ny, sx, sy, params.target_spacing)
@@ -680,6 +706,8 @@ def export_coco(
     labels_csv: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    brain_margin_mm: float = -1.0,
+    bias_degree: int = 0,
 ) -> ExportSummary:
     """Export a cohort (manifest CSV, nnU-Net folder, or a DataFrame from
     :func:`~detection.data.manifest.read_cohort`) to ``out``.
@@ -694,6 +722,8 @@ def export_coco(
         target_spacing=float(target_spacing),
         slices=slices,
         nonfinite=nonfinite,
+        brain_margin_mm=float(brain_margin_mm),
+        bias_degree=int(bias_degree),
     )
     if isinstance(manifest, pd.DataFrame):
         cohort = manifest.reset_index(drop=True)

@@ -46,6 +46,7 @@ __all__ = [
     "ras_to_original",
     "compute_brain_mask",
     "otsu_threshold",
+    "correct_bias",
     "normalize_intensity",
     "to_uint8",
     "label_lesions",
@@ -331,6 +332,77 @@ def normalize_intensity(
     out = (data - np.float32(lo)) * np.float32(1.0 / (hi - lo))
     np.clip(out, 0.0, 1.0, out=out)
     return out, lo, hi
+
+
+def correct_bias(
+    data: np.ndarray,
+    brain_mask: np.ndarray,
+    spacing: tuple[float, float, float],
+    degree: int = 2,
+) -> np.ndarray:
+    """Divide out a smooth multiplicative intensity field (receive-coil shading).
+
+    The log intensity of the brain is fitted with a polynomial in x, y, z (mm) of total
+    ``degree`` (2: 10 terms; 3: 20 terms): least squares on up to 60 000 brain voxels, three
+    rounds that keep the voxels within the 15th-85th percentile of the residual, so that
+    bright CSF and dark veins, nuclei and bleeds (all much smaller than the field's
+    scale) do not pull the fit. A polynomial has no edge bias, unlike a Gaussian
+    smoothing of the masked brain. The field is scaled to a median of 1 in the brain.
+    ``degree`` <= 0 or an empty mask returns an unchanged copy. Returns float32.
+    """
+    data = np.asarray(data, dtype=np.float32)
+    brain = np.asarray(brain_mask, dtype=bool)
+    degree = int(degree)
+    if degree <= 0 or not brain.any():
+        return data.copy()
+    sp = np.asarray(spacing, dtype=np.float64)
+    idx = np.argwhere(brain & (data > 0))
+    if len(idx) < 100:
+        return data.copy()
+    rng = np.random.default_rng(0)
+    if len(idx) > 60000:
+        idx = idx[rng.choice(len(idx), 60000, replace=False)]
+    lo, hi = idx.min(0), idx.max(0)
+    centre, half = (lo + hi) / 2.0 * sp, np.maximum((hi - lo) / 2.0 * sp, 1.0)
+
+    def design(pts_vox: np.ndarray) -> np.ndarray:
+        u = (pts_vox * sp - centre) / half
+        cols = [np.ones(len(u))]
+        for d in range(1, degree + 1):
+            for i in range(d + 1):
+                for j in range(d + 1 - i):
+                    k = d - i - j
+                    cols.append(u[:, 0] ** i * u[:, 1] ** j * u[:, 2] ** k)
+        return np.stack(cols, axis=1)
+
+    a = design(idx.astype(np.float64))
+    y = np.log(data[tuple(idx.T)].astype(np.float64))
+    keep = np.ones(len(y), dtype=bool)
+    coef = np.zeros(a.shape[1])
+    for _ in range(3):
+        coef, *_ = np.linalg.lstsq(a[keep], y[keep], rcond=None)
+        res = y - a @ coef
+        q0, q1 = np.percentile(res, [15, 85])
+        keep = (res >= q0) & (res <= q1)
+    # evaluate the polynomial on the full grid as sums of separable outer products
+    u = [((np.arange(n, dtype=np.float64) * sp[ax]) - centre[ax]) / half[ax]
+         for ax, n in enumerate(data.shape)]
+    full = np.zeros(data.shape, dtype=np.float32)
+    t = 0
+    for d in range(degree + 1):
+        for i in range(d + 1):
+            for j in range(d + 1 - i):
+                k = d - i - j
+                if d == 0:
+                    full += np.float32(coef[t])
+                else:
+                    full += (np.float32(coef[t]) * (u[0] ** i).astype(np.float32)[:, None, None]
+                             * (u[1] ** j).astype(np.float32)[None, :, None]
+                             * (u[2] ** k).astype(np.float32)[None, None, :])
+                t += 1
+    full -= np.float32(np.median(a @ coef))
+    np.clip(full, -3.0, 3.0, out=full)
+    return data * np.exp(-full)
 
 
 def to_uint8(norm: np.ndarray) -> np.ndarray:

@@ -90,3 +90,37 @@ def test_volume_predictor_writes_outputs_on_the_input_grid(instant_weights, tmp_
     assert (out / "overlay.png").stat().st_size > 0
     assert pred.n_slices <= data.shape[2]
     assert not list(out.glob(".*"))  # no temporary files left
+
+
+def test_fast_path_keeps_the_plain_models_detections(instant_weights) -> None:
+    """Raised ROI score threshold + channels-last: the instances >= INFER.SCORE_THRESH
+    are those of the plain model (Detectron2 defaults) filtered afterwards."""
+    cfg, weights = instant_weights
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 255, (3, 96, 80), dtype=np.uint8)
+    img[:, 40:46, 30:36] = 5
+    plain = build_model(cfg)
+    plain.eval()
+    DetectionCheckpointer(plain).load(str(weights))
+    with torch.inference_mode():
+        ref = plain.inference([{"image": torch.as_tensor(img), "height": 96, "width": 80}],
+                              do_postprocess=False)[0]
+    assert len(ref) > 4, "the random model should give some instances to compare"
+    # a threshold in the widest gap between the middle scores (no score near it)
+    s = ref.scores.sort(descending=True).values
+    lo, hi = len(s) // 4, 3 * len(s) // 4
+    k = lo + int(torch.argmax(s[lo:hi] - s[lo + 1:hi + 1]))
+    thresh = float((s[k] + s[k + 1]) / 2)
+    cfg2 = cfg.clone()
+    cfg2.defrost()
+    cfg2.CMB.INFER.SCORE_THRESH = thresh
+    fast = VolumePredictor(cfg2, str(weights))
+    assert fast.model.roi_heads.box_predictor.test_score_thresh == thresh
+    with torch.inference_mode():
+        got = fast.model.inference([fast._to_input(img.transpose(1, 2, 0))],
+                                   do_postprocess=False)[0]
+    keep = ref.scores >= thresh
+    assert 0 < int(keep.sum()) == len(got)
+    torch.testing.assert_close(got.scores, ref.scores[keep], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.pred_boxes.tensor, ref.pred_boxes.tensor[keep],
+                               atol=1e-2, rtol=0)

@@ -103,6 +103,28 @@ def test_reject_vein_and_large_blob_keep_cmb():
     assert rej2.kept_ids.tolist() == [1, 2, 3, 4]
 
 
+def test_candidates_outside_the_brain_mask_are_rejected():
+    spacing = (1.0, 1.0, 1.0)
+    labels = np.zeros(SHAPE, np.int32)
+    labels[10:13, 10:13, 5:7] = 1  # inside the brain
+    labels[30:33, 30:33, 5:7] = 2  # in the gap between brain and scalp
+    labels[19:22, 10:13, 5:7] = 3  # straddles the edge: 2 of 3 columns inside
+    brain = np.zeros(SHAPE, bool)
+    brain[:21, :25, :] = True
+    rej = L.reject_implausible(labels, spacing, brain_mask=brain)
+    assert rej.kept_ids.tolist() == [1, 3]
+    reason = rej.rejected.set_index("lesion_id").loc[2, "reason"]
+    assert reason.startswith("outside brain: 0% of voxels")
+    # a stricter share drops the straddling one; 0 disables the test; no mask, no test
+    assert L.reject_implausible(labels, spacing, brain_mask=brain,
+                                min_brain_fraction=0.9).kept_ids.tolist() == [1]
+    assert L.reject_implausible(labels, spacing, brain_mask=brain,
+                                min_brain_fraction=0.0).kept_ids.tolist() == [1, 2, 3]
+    assert L.reject_implausible(labels, spacing).kept_ids.tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="brain mask shape"):
+        L.reject_implausible(labels, spacing, brain_mask=brain[:-1])
+
+
 def test_in_plane_vein_is_elongated_not_single_slice_disc():
     spacing = (0.5, 0.5, 1.0)
     labels = np.zeros((60, 60, 10), np.int32)

@@ -490,3 +490,32 @@ def test_prepare_case_matches_prepare_volume(cohort: Path) -> None:
     np.testing.assert_array_equal(a.labels, b.labels)
     assert a.slice_indices == b.slice_indices
     assert a.meta["pixel_to_world"] == b.meta["pixel_to_world"]
+
+
+def test_brain_margin_strips_the_head_outside_the_brain(tmp_path: Path) -> None:
+    from detection.data.volume import load_case
+
+    swi, mask, brain_mask = _patient(3)
+    swi[brain_mask == 0] = 120.0  # bright scalp all around the brain
+    for name, arr in (("swi", swi), ("cmb", mask), ("brain", brain_mask)):
+        nib.save(nib.Nifti1Image(arr, _affine(3)), tmp_path / f"{name}.nii.gz")
+    case = load_case(tmp_path / "swi.nii.gz", tmp_path / "cmb.nii.gz",
+                     tmp_path / "brain.nii.gz")
+    native = {"target_spacing": 0.0, "slices": "all"}
+    whole = ex.prepare_case(case, ex.ExportParams(**native))
+    strip = ex.prepare_case(case, ex.ExportParams(brain_margin_mm=0.0, **native))
+    wide = ex.prepare_case(case, ex.ExportParams(brain_margin_mm=1.0, **native))
+    # export layout (z, rows = RAS y reversed, cols = RAS x) of the RAS brain mask
+    brain = case.brain.transpose(2, 1, 0)[:, ::-1, :]
+    assert (whole.images[~brain] > 0).all()  # the head is kept by default
+    np.testing.assert_array_equal(strip.images[~brain], 0)
+    np.testing.assert_array_equal(strip.images[brain], whole.images[brain])
+    # 1 mm margin (0.9 mm in-plane voxels): one more ring in plane, not the next 2 mm slice
+    grown = ex.brain_with_margin(case.brain, case.swi.spacing, 1.0)
+    assert grown.sum() > case.brain.sum()
+    np.testing.assert_array_equal(grown, ex.brain_with_margin(case.brain, (0.9, 0.9, 2.0), 1.0))
+    ring = grown & ~case.brain
+    assert ring.any() and not ring[:, :, ~case.brain.any(axis=(0, 1))].any()
+    assert (wide.images[brain] == whole.images[brain]).all()
+    assert ex.brain_with_margin(np.zeros((3, 3, 3), bool), (1, 1, 1), 2.0).all()
+    assert ex.ExportParams(brain_margin_mm=2.0).as_dict()["brain_margin_mm"] == 2.0

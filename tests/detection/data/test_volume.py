@@ -268,3 +268,27 @@ def test_load_case_with_and_without_brain_mask(tmp_path: Path) -> None:
     assert c2.brain_source == "computed" and c2.lesions is None and c2.mask_kind == "none"
     with pytest.raises(CohortError, match=r"brain mask .*bad_bm\.nii\.gz: shape"):
         load_case(swi, mask, _save(tmp_path / "bad_bm.nii.gz", np.zeros((3, 3, 3), np.uint8)))
+
+
+def test_correct_bias_removes_smooth_shading_and_keeps_small_lesions() -> None:
+    from detection.data.volume import correct_bias
+
+    shape, spacing = (96, 96, 40), (1.0, 1.0, 2.0)
+    grid = np.indices(shape).astype(np.float32)
+    brain = ((grid[0] - 47.5) / 40) ** 2 + ((grid[1] - 47.5) / 44) ** 2 + (
+        (grid[2] - 19.5) / 17) ** 2 <= 1
+    tissue = np.where(brain, 100.0, 0.0).astype(np.float32)
+    tissue[44:48, 44:48, 18:20] = 20.0  # a 4 mm dark lesion
+    field = (1.0 + 0.4 * (grid[0] - 47.5) / 47.5).astype(np.float32)  # +-40 % left-right
+    out = correct_bias(tissue * field, brain, spacing, degree=2)
+    assert out.shape == shape and out.dtype == np.float32 and np.isfinite(out).all()
+    inner = brain & (np.abs(grid[0] - 47.5) < 30)
+    cv_in = np.std((tissue * field)[inner & (tissue == 100)]) / 100.0
+    cv_out = np.std(out[inner & (tissue == 100)]) / np.mean(out[inner & (tissue == 100)])
+    assert cv_out < 0.35 * cv_in  # most of the shading is gone
+    # the lesion keeps its contrast against the tissue around it
+    ring = out[40:52, 40:52, 18:20][tissue[40:52, 40:52, 18:20] == 100].mean()
+    assert out[44:48, 44:48, 18:20].mean() < 0.3 * ring
+    # off / empty mask: unchanged copies
+    np.testing.assert_array_equal(correct_bias(tissue, brain, spacing, 0), tissue)
+    np.testing.assert_array_equal(correct_bias(tissue, np.zeros(shape, bool), spacing), tissue)
