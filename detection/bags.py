@@ -46,11 +46,9 @@ lesion centre; each channel is resampled bilinearly (order 1) on a ``size_mm`` x
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing as mp
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -73,6 +71,7 @@ from .data.volume import (
     normalize_intensity,
     reorient_to_ras,
 )
+from .fileio import write_json_atomic
 from .lesions import lesion_table
 
 __all__ = [
@@ -529,18 +528,6 @@ def _patient_job(job: dict[str, Any]) -> dict[str, Any]:
 # ============================================================================ cohort
 
 
-def _atomic_json(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _run(jobs: list[dict[str, Any]], workers: int, progress: bool) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
@@ -655,7 +642,7 @@ def write_bags(
         e["bag_source"] = source
         entries.append(e)
     index = write_index(out / "index.csv", entries)
-    _atomic_json({
+    write_json_atomic(out / META_NAME, {
         "source": source,
         "pred_dir": None if pred_dir is None else str(Path(pred_dir).resolve()),
         "feature_names": list(FEATURE_NAMES),
@@ -663,7 +650,7 @@ def write_bags(
         "context_offset": int(context_offset), "shell_mm": float(shell_mm),
         "n_patients": len(entries),
         "n_instances": int(sum(e["n_instances"] for e in entries)),
-    }, out / META_NAME)
+    })
     logger.info("wrote %d bag(s) (%d lesion(s), source %s) and %s", len(entries),
                 sum(e["n_instances"] for e in entries), source, index)
     return index

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from detectron2.structures import Instances
 
 from .data.export_coco import ExportParams, PreparedVolume, prepare_case
 from .data.volume import Volume, load_case
+from .fileio import atomic_output
 from .lesions import (
     LESION_COLUMNS,
     RegionFn,
@@ -136,16 +136,8 @@ class PatientPrediction:
 
 def _atomic(path: Path, writer) -> None:
     """Call ``writer(tmp)`` then rename ``tmp`` to ``path`` (no half-written outputs)."""
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp:
+        writer(str(tmp))
 
 
 def save_overlay(swi_ras: np.ndarray, labels_ras: np.ndarray, path: str | os.PathLike,

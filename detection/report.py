@@ -33,8 +33,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +41,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from .fileio import atomic_output, copy_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -159,59 +159,17 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def _publish(tmp: str | os.PathLike, path: Path) -> None:
-    """Rename a finished temporary file onto ``path``, readable like any other output
-    (``mkstemp`` creates files with mode 0600)."""
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Atomic JSON (NaN/inf written as null, so the file is strict JSON)."""
     return write_text_atomic(path, json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
 
 
-def copy_atomic(src: Path, dst: Path) -> Path:
-    """Copy ``src`` to ``dst`` through a temporary file in the same folder + rename."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        _publish(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dst
-
-
 def _save_fig(fig: Any, path: Path, dpi: int = 110) -> Path:
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_output(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(fig)
     return path
@@ -574,10 +532,9 @@ def _overlays(layout: RunLayout, cohort: pd.DataFrame, patients: Sequence[str],
         n_ref = len(np.unique(case.lesions[case.lesions > 0])) if case.lesions is not None else 0
         n_pred = len(np.unique(pred[pred > 0]))
         title = (f"{pid} ({r['label']}): detected {n_pred} (red) / reference {n_ref} (green)")
-        tmp = path.with_name(f".{path.stem}.tmp.png")
-        save_overlay(case.swi.data, pred, tmp, title=title, max_panels=8,
-                     truth_ras=case.lesions)
-        os.replace(tmp, path)
+        with atomic_output(path, ".png") as tmp:
+            save_overlay(case.swi.data, pred, tmp, title=title, max_panels=8,
+                         truth_ras=case.lesions)
         out.append({"patient_id": pid, "label": str(r["label"]), "n_pred": n_pred,
                     "n_ref": n_ref, "path": path})
     return out

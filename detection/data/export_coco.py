@@ -43,6 +43,7 @@ import pandas as pd
 from pycocotools import mask as mask_util
 from scipy import ndimage
 
+from ..fileio import write_json_atomic
 from .manifest import LABELS, check_grids, read_cohort
 from .volume import (
     LESION_CONNECTIVITY,
@@ -396,17 +397,6 @@ def _stamp(job: dict[str, Any]) -> dict[str, Any]:
     return {"version": EXPORT_VERSION, "params": job["params"], "inputs": inputs}
 
 
-def _atomic_write_json(path: Path, obj: Any, indent: int | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=indent)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _up_to_date(frag_path: Path, img_dir: Path, stamp: dict[str, Any]) -> bool:
     if not frag_path.is_file() or not img_dir.is_dir():
         return False
@@ -528,7 +518,7 @@ def _write_patient(prep: PreparedVolume, pid: str, out: Path, stamp: dict[str, A
         raise
     shutil.rmtree(old, ignore_errors=True)
     frag = {"stamp": stamp, "meta": prep.meta, "images": images, "annotations": annotations}
-    _atomic_write_json(out / "patients" / f"{pid}.json", frag)
+    write_json_atomic(out / "patients" / f"{pid}.json", frag, indent=None)
     return len(images)
 
 
@@ -870,8 +860,8 @@ def _assemble(
     for name in stale:  # e.g. fewer folds than last time
         (ann_dir / f"{name}.json").unlink()
     for name, pids in files.items():
-        _atomic_write_json(ann_dir / f"{name}.json", subset(pids))
-    _atomic_write_json(out / "splits.json", splits, indent=1)
+        write_json_atomic(ann_dir / f"{name}.json", subset(pids), indent=None)
+    write_json_atomic(out / "splits.json", splits, indent=1)
     meta = {
         "version": EXPORT_VERSION,
         "params": params.as_dict(),
@@ -894,7 +884,7 @@ def _assemble(
         "annotations": {name: f"annotations/{name}.json" for name in files},
         "patients": patients_meta,
     }
-    _atomic_write_json(out / "export_meta.json", meta, indent=1)
+    write_json_atomic(out / "export_meta.json", meta, indent=1)
 
 
 # --------------------------------------------------------------------------- reading back

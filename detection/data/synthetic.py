@@ -73,7 +73,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +82,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
+
+from ..fileio import atomic_output, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -395,7 +396,7 @@ def save_center_profile(profile: CenterProfile, path: str | os.PathLike) -> Path
         import yaml
 
         text = yaml.safe_dump(data, sort_keys=False)
-    _atomic_write_text(path, text)
+    write_text_atomic(path, text)
     return path
 
 
@@ -1639,18 +1640,6 @@ def cohort_specs(patients_per_class: int, centers: Sequence[CenterProfile | str]
     return [PatientSpec(pid, c, lab, s) for (pid, c, lab), s in zip(rows, seeds, strict=True)]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img = nib.Nifti1Image(arr, affine)
     img.header.set_xyzt_units("mm", "sec")
@@ -1658,15 +1647,8 @@ def _atomic_save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.set_sform(affine, code=1)
     if arr.dtype.kind in "iu":
         img.header.set_slope_inter(1.0, 0.0)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:-7]}.", suffix=".tmp.nii.gz",
-                               dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path, ".nii.gz") as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _MANIFEST_COLUMNS = ["patient_id", "center", "label", "swi", "cmb_mask", "age", "brain_mask",
@@ -1732,7 +1714,7 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, A
     wr.writeheader()
     for r in rows:
         wr.writerow({k: r.get(k, "") for k in columns})
-    _atomic_write_text(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
 
 
 def generate_cohort(
@@ -1800,7 +1782,7 @@ def generate_cohort(
                                 for k, v in CLASS_DISTRIBUTIONS.items()},
         "lesion_size": LESION_SIZE, "mimics": _jsonable(MIMICS), "mimic_codes": MIMIC_CODES,
     }
-    _atomic_write_text(out / "cohort.json", json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(out / "cohort.json", json.dumps(meta, indent=2) + "\n")
     manifest = out / "manifest.csv"
     _write_csv(manifest, _MANIFEST_COLUMNS, rows)
     if preview:
@@ -1887,9 +1869,7 @@ def write_preview(manifest: str | os.PathLike, out_png: str | os.PathLike | None
                  " orange: siderosis)", color="white", fontsize=8)
     fig.tight_layout()
     out_png = Path(out_png) if out_png else root / "preview.png"
-    fd, tmp = tempfile.mkstemp(prefix=".preview.", suffix=".png", dir=out_png.parent)
-    os.close(fd)
-    fig.savefig(tmp, facecolor="black")
-    os.replace(tmp, out_png)
+    with atomic_output(out_png, ".png") as tmp:
+        fig.savefig(tmp, facecolor="black")
     logger.info("preview written to %s", out_png)
     return out_png

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +44,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 from scipy import stats
+
+from ..fileio import atomic_output, write_text_atomic
 
 __all__ = [
     "FROC_FP_RATES",
@@ -432,21 +432,6 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def _atomic_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = _atomic_path(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def plot_froc(fr: Mapping[str, Any], path: str | Path, title: str = "FROC") -> None:
     """FROC curve (sensitivity vs FP per patient, log2 axis) as a PNG, written atomically."""
     import matplotlib
@@ -476,13 +461,11 @@ def plot_froc(fr: Mapping[str, Any], path: str | Path, title: str = "FROC") -> N
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    tmp = _atomic_path(path)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_output(path, ".png") as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def write_report(result: CohortEval, out_dir: str | Path) -> dict[str, Path]:
@@ -492,10 +475,10 @@ def write_report(result: CohortEval, out_dir: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": out / "metrics.json", "per_patient": out / "per_patient.csv",
              "matches": out / "lesion_matches.csv", "froc": out / "froc.png"}
-    _atomic_write_text(paths["per_patient"], result.per_patient.to_csv(index=False))
-    _atomic_write_text(paths["matches"], result.matches.to_csv(index=False))
+    write_text_atomic(paths["per_patient"], result.per_patient.to_csv(index=False))
+    write_text_atomic(paths["matches"], result.matches.to_csv(index=False))
     plot_froc(result.metrics["froc"], paths["froc"])
-    _atomic_write_text(paths["metrics"],
+    write_text_atomic(paths["metrics"],
                        json.dumps(_jsonable(result.metrics), indent=2, allow_nan=False) + "\n")
     return paths
 
