@@ -5,15 +5,19 @@ interrupted run never leaves a half-written output behind."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_output", "copy_atomic", "write_json_atomic", "write_text_atomic"]
+import numpy as np
+
+__all__ = ["atomic_output", "copy_atomic", "json_ready", "write_json_atomic",
+           "write_text_atomic"]
 
 
 @contextmanager
@@ -48,9 +52,31 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def json_ready(x: Any) -> Any:
+    """JSON-ready copy: numpy scalars/arrays to Python, tuples to lists, keys to str,
+    NaN/inf to None (so the file is strict JSON), paths to str."""
+    if isinstance(x, Mapping):
+        return {str(k): json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_ready(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return json_ready(x.tolist())
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically."""
-    return write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+    """Write ``obj`` (through :func:`json_ready`: NaN/inf as null) as strict JSON to
+    ``path`` atomically."""
+    text = json.dumps(json_ready(obj), indent=indent, allow_nan=False)
+    return write_text_atomic(path, text + "\n")
 
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

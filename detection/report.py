@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .fileio import atomic_output, copy_atomic, write_text_atomic
+from .fileio import atomic_output, copy_atomic, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -138,30 +138,6 @@ class RunLayout:
 
 
 # ============================================================================ atomic I/O
-
-
-def _clean(x: Any) -> Any:
-    """JSON-ready copy: numpy scalars/arrays to Python, NaN/inf to None, paths to str."""
-    if isinstance(x, Mapping):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _clean(x.tolist())
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomic JSON (NaN/inf written as null, so the file is strict JSON)."""
-    return write_text_atomic(path, json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
 
 
 def _save_fig(fig: Any, path: Path, dpi: int = 110) -> Path:

@@ -83,7 +83,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from ..fileio import atomic_output, write_text_atomic
+from ..fileio import atomic_output, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -1778,24 +1778,16 @@ def generate_cohort(
         "generator": "detection.data.synthetic", "seed": seed,
         "patients_per_class": patients_per_class,
         "centers": [p.to_dict() for p in profiles],
-        "class_distributions": {k: _jsonable(dataclasses.asdict(v))
+        "class_distributions": {k: dataclasses.asdict(v)
                                 for k, v in CLASS_DISTRIBUTIONS.items()},
-        "lesion_size": LESION_SIZE, "mimics": _jsonable(MIMICS), "mimic_codes": MIMIC_CODES,
+        "lesion_size": LESION_SIZE, "mimics": MIMICS, "mimic_codes": MIMIC_CODES,
     }
-    write_text_atomic(out / "cohort.json", json.dumps(meta, indent=2) + "\n")
+    write_json_atomic(out / "cohort.json", meta)
     manifest = out / "manifest.csv"
     _write_csv(manifest, _MANIFEST_COLUMNS, rows)
     if preview:
         write_preview(manifest)
     return manifest
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 # --------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ Conventions (``../shared/REFERENCES.md``; all written into ``metrics.json``)
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -45,7 +44,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 from scipy import stats
 
-from ..fileio import atomic_output, write_text_atomic
+from ..fileio import atomic_output, write_json_atomic, write_text_atomic
 
 __all__ = [
     "FROC_FP_RATES",
@@ -420,18 +419,6 @@ def evaluate_cohort(cases: Iterable[PatientEval], *, match_mm: float = 5.0,
 # ============================================================================ outputs
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return None if not np.isfinite(x) else float(x)
-    return x
-
-
 def plot_froc(fr: Mapping[str, Any], path: str | Path, title: str = "FROC") -> None:
     """FROC curve (sensitivity vs FP per patient, log2 axis) as a PNG, written atomically."""
     import matplotlib
@@ -478,8 +465,7 @@ def write_report(result: CohortEval, out_dir: str | Path) -> dict[str, Path]:
     write_text_atomic(paths["per_patient"], result.per_patient.to_csv(index=False))
     write_text_atomic(paths["matches"], result.matches.to_csv(index=False))
     plot_froc(result.metrics["froc"], paths["froc"])
-    write_text_atomic(paths["metrics"],
-                       json.dumps(_jsonable(result.metrics), indent=2, allow_nan=False) + "\n")
+    write_json_atomic(paths["metrics"], result.metrics)
     return paths
 
 

@@ -38,3 +38,14 @@ def test_text_and_copy(tmp_path) -> None:
     assert b.read_text() == "x\ny\n"
     assert json.loads(write_json_atomic(tmp_path / "c.json", [1, 2], indent=None)
                       .read_text()) == [1, 2]
+
+
+def test_json_is_strict_with_numpy_and_nan(tmp_path) -> None:
+    import numpy as np
+
+    obj = {1: (np.int64(3), np.float32(0.5)), "nan": float("nan"), "arr": np.array([1.0, np.inf]),
+           "flag": np.bool_(True), "p": tmp_path}
+    text = write_json_atomic(tmp_path / "s.json", obj).read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"1": [3, 0.5], "nan": None, "arr": [1.0, None], "flag": True,
+                                "p": str(tmp_path)}
