@@ -124,20 +124,16 @@ class PatientPrediction:
         out.mkdir(parents=True, exist_ok=True)
         img = self.volume.to_nifti(self.labels_ras, dtype=np.int16)
         img.header.set_data_dtype(np.int16)
-        _atomic(out / "cmb_pred.nii.gz", lambda p: nib.save(img, p))
-        _atomic(out / "lesions.csv", lambda p: self.table.to_csv(p, index=False))
-        _atomic(out / "rejected.csv", lambda p: self.rejected.to_csv(p, index=False))
+        with atomic_output(out / "cmb_pred.nii.gz") as tmp:
+            nib.save(img, tmp)
+        with atomic_output(out / "lesions.csv") as tmp:
+            self.table.to_csv(tmp, index=False)
+        with atomic_output(out / "rejected.csv") as tmp:
+            self.rejected.to_csv(tmp, index=False)
         if overlay:
-            _atomic(out / "overlay.png",
-                    lambda p: save_overlay(self.volume.data, self.labels_ras, p,
-                                           title=self.patient_id))
+            with atomic_output(out / "overlay.png") as tmp:
+                save_overlay(self.volume.data, self.labels_ras, tmp, title=self.patient_id)
         return out
-
-
-def _atomic(path: Path, writer) -> None:
-    """Call ``writer(tmp)`` then rename ``tmp`` to ``path`` (no half-written outputs)."""
-    with atomic_output(path) as tmp:
-        writer(str(tmp))
 
 
 def save_overlay(swi_ras: np.ndarray, labels_ras: np.ndarray, path: str | os.PathLike,

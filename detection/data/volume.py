@@ -364,18 +364,11 @@ def correct_bias(
         idx = idx[rng.choice(len(idx), 60000, replace=False)]
     lo, hi = idx.min(0), idx.max(0)
     centre, half = (lo + hi) / 2.0 * sp, np.maximum((hi - lo) / 2.0 * sp, 1.0)
-
-    def design(pts_vox: np.ndarray) -> np.ndarray:
-        u = (pts_vox * sp - centre) / half
-        cols = [np.ones(len(u))]
-        for d in range(1, degree + 1):
-            for i in range(d + 1):
-                for j in range(d + 1 - i):
-                    k = d - i - j
-                    cols.append(u[:, 0] ** i * u[:, 1] ** j * u[:, 2] ** k)
-        return np.stack(cols, axis=1)
-
-    a = design(idx.astype(np.float64))
+    # monomials x^i y^j z^k of total degree <= degree, the constant first
+    powers = [(i, j, d - i - j) for d in range(degree + 1) for i in range(d + 1)
+              for j in range(d + 1 - i)]
+    u = (idx * sp - centre) / half
+    a = np.stack([u[:, 0] ** i * u[:, 1] ** j * u[:, 2] ** k for i, j, k in powers], axis=1)
     y = np.log(data[tuple(idx.T)].astype(np.float64))
     keep = np.ones(len(y), dtype=bool)
     coef = np.zeros(a.shape[1])
@@ -385,21 +378,12 @@ def correct_bias(
         q0, q1 = np.percentile(res, [15, 85])
         keep = (res >= q0) & (res <= q1)
     # evaluate the polynomial on the full grid as sums of separable outer products
-    u = [((np.arange(n, dtype=np.float64) * sp[ax]) - centre[ax]) / half[ax]
-         for ax, n in enumerate(data.shape)]
+    grid = [(((np.arange(n, dtype=np.float64) * sp[ax]) - centre[ax]) / half[ax])
+            .astype(np.float32) for ax, n in enumerate(data.shape)]
     full = np.zeros(data.shape, dtype=np.float32)
-    t = 0
-    for d in range(degree + 1):
-        for i in range(d + 1):
-            for j in range(d + 1 - i):
-                k = d - i - j
-                if d == 0:
-                    full += np.float32(coef[t])
-                else:
-                    full += (np.float32(coef[t]) * (u[0] ** i).astype(np.float32)[:, None, None]
-                             * (u[1] ** j).astype(np.float32)[None, :, None]
-                             * (u[2] ** k).astype(np.float32)[None, None, :])
-                t += 1
+    for c, (i, j, k) in zip(coef, powers, strict=True):
+        full += (np.float32(c) * (grid[0] ** i)[:, None, None] * (grid[1] ** j)[None, :, None]
+                 * (grid[2] ** k)[None, None, :])
     full -= np.float32(np.median(a @ coef))
     np.clip(full, -3.0, 3.0, out=full)
     return data * np.exp(-full)
