@@ -45,6 +45,14 @@ def add_cmb_config(cfg: CN) -> None:
     _C.CMB.AUG.BLUR_SIGMA = 0.0  # max Gaussian blur (px): thicker slices / softer scanners
     _C.CMB.AUG.NOISE_STD = 0.0  # max additive noise (8-bit grey levels): lower SNR
     _C.CMB.AUG.CROP_SIZE = 0  # square training crop (px); 0 = whole slice
+    # Thick-slice partial volume: the centre channel is mixed with its neighbours by a
+    # weight drawn from [0, SLICE_MIX] (0 = off), fading bleeds seen in one slice only.
+    _C.CMB.AUG.SLICE_MIX = 0.0
+    # Weaker blooming / partial volume of one lesion: each lesion is faded towards its
+    # local background by a fraction drawn from [0, LESION_FADE] (0 = off), with
+    # probability LESION_FADE_PROB per lesion. Its mask is kept: faint bleeds are bleeds.
+    _C.CMB.AUG.LESION_FADE = 0.0
+    _C.CMB.AUG.LESION_FADE_PROB = 0.5
     _C.CMB.AUG.CROP_KEEP_LESION_PROB = 0.8  # share of crops placed to contain a lesion
 
     # Light ResNet-FPN backbone (detection/backbone.py, MODEL.BACKBONE.NAME

@@ -47,8 +47,11 @@ __all__ = [
     "NoiseBlur",
     "NoiseBlurTransform",
     "RandomScale",
+    "SliceMix",
+    "SliceMixTransform",
     "Trainer",
     "build_cmb_augmentations",
+    "fade_lesions",
     "positive_repeat_factors",
     "setup_cfg",
 ]
@@ -144,6 +147,90 @@ class NoiseBlur(T.Augmentation):
         )
 
 
+class SliceMixTransform(_PhotometricTransform):
+    """Mix the centre channel of a 2.5D slice with its neighbours by ``weight``.
+
+    The centre becomes ``(1 - w) * c + w * (prev + next) / 2`` and each neighbour takes
+    ``w / 2`` of the centre, as a slab ``1 + w`` times thicker would. Grey images (one
+    channel) are returned unchanged.
+    """
+
+    def __init__(self, weight: float):
+        super().__init__()
+        self._set_attributes(locals())
+
+    def apply_image(self, img: np.ndarray) -> np.ndarray:
+        """Mix the channels; clip to the input dtype."""
+        if img.ndim != 3 or img.shape[2] != 3 or self.weight <= 0:
+            return img
+        w = float(self.weight)
+        f = img.astype(np.float32)
+        prev, centre, nxt = f[..., 0], f[..., 1], f[..., 2]
+        out = np.stack(
+            [
+                (1 - w / 2) * prev + (w / 2) * centre,
+                (1 - w) * centre + (w / 2) * (prev + nxt),
+                (1 - w / 2) * nxt + (w / 2) * centre,
+            ],
+            axis=-1,
+        )
+        if img.dtype == np.uint8:
+            return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        return out.astype(img.dtype)
+
+
+class SliceMix(T.Augmentation):
+    """Thicker-slice simulation: :class:`SliceMixTransform` with a weight drawn from
+    ``[0, max_weight]``. Thick-slice scanners fade the bleeds that sit in one slice."""
+
+    def __init__(self, max_weight: float = 0.5):
+        super().__init__()
+        self._init(locals())
+
+    def get_transform(self, image: np.ndarray) -> T.Transform:
+        return SliceMixTransform(float(np.random.uniform(0.0, self.max_weight)))
+
+
+def fade_lesions(
+    image: np.ndarray,
+    masks: np.ndarray,
+    fractions: Sequence[float],
+    ring_px: int = 4,
+) -> np.ndarray:
+    """Fade each lesion towards its local background (weaker blooming, partial volume).
+
+    ``image`` is ``H x W x C`` (uint8 or float), ``masks`` ``N x H x W`` bool and
+    ``fractions`` one value in [0, 1] per mask (0 = unchanged, 1 = lesion brought up to
+    the background). The background is the per-channel median of a ring ``ring_px``
+    wide around the mask; only pixels darker than it are lifted, with a softened mask
+    so the lesion edge fades most smoothly. Returns a new image of the same dtype.
+    """
+    if len(masks) != len(fractions):
+        raise ValueError(f"{len(masks)} masks but {len(fractions)} fade fractions")
+    out = image.astype(np.float32)
+    if out.ndim == 2:
+        out = out[..., None]
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring_px + 1, 2 * ring_px + 1))
+    for mask, frac in zip(masks, fractions):
+        if frac <= 0 or not mask.any():
+            continue
+        m8 = mask.astype(np.uint8)
+        near = cv2.dilate(m8, np.ones((3, 3), np.uint8)).astype(bool)
+        ring = cv2.dilate(m8, kernel).astype(bool) & ~near
+        if not ring.any():
+            continue
+        bg = np.median(out[ring], axis=0)  # (C,)
+        soft = cv2.GaussianBlur(near.astype(np.float32), (0, 0), sigmaX=1.0)
+        soft = np.clip(soft, 0.0, 1.0)[..., None]
+        lift = np.maximum(bg[None, None, :] - out, 0.0)
+        out = out + float(min(frac, 1.0)) * soft * lift
+    if image.ndim == 2:
+        out = out[..., 0]
+    if image.dtype == np.uint8:
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return out.astype(image.dtype)
+
+
 class RandomScale(T.Augmentation):
     """Isotropic rescale by a factor drawn from ``scale`` (lesion size jitter)."""
 
@@ -218,6 +305,8 @@ def build_cmb_augmentations(cfg: CfgNode, is_train: bool) -> list[T.Augmentation
         augs.append(T.RandomRotation([-aug.ROTATION, aug.ROTATION], expand=False))
     if aug.BRIGHTNESS > 0 or tuple(aug.CONTRAST) != (1.0, 1.0):
         augs.append(IntensityJitter(float(aug.BRIGHTNESS), tuple(aug.CONTRAST)))
+    if aug.SLICE_MIX > 0:
+        augs.append(SliceMix(float(aug.SLICE_MIX)))
     if aug.BLUR_SIGMA > 0 or aug.NOISE_STD > 0:
         augs.append(NoiseBlur(float(aug.BLUR_SIGMA), float(aug.NOISE_STD)))
     return augs
@@ -229,7 +318,9 @@ class CMBDatasetMapper:
     Differences from Detectron2's ``DatasetMapper``: lesion-aware crops get the boxes,
     masks are always bitmasks (the export writes RLE), and after the geometric
     transforms the boxes are recomputed from the masks (a rotated box would be loose)
-    and instances that left the crop are dropped.
+    and instances that left the crop are dropped. With ``lesion_fade`` > 0 each lesion
+    is, with probability ``lesion_fade_prob``, faded towards its surroundings
+    (:func:`fade_lesions`) after the geometric transforms; its mask is kept.
     """
 
     @configurable
@@ -239,12 +330,23 @@ class CMBDatasetMapper:
         *,
         augmentations: Sequence[T.Augmentation],
         image_format: str,
+        lesion_fade: float = 0.0,
+        lesion_fade_prob: float = 0.5,
     ):
+        if not 0.0 <= lesion_fade <= 1.0:
+            raise ValueError(f"lesion_fade must be in [0, 1], got {lesion_fade}")
+        if not 0.0 <= lesion_fade_prob <= 1.0:
+            raise ValueError(f"lesion_fade_prob must be in [0, 1], got {lesion_fade_prob}")
         self.is_train = is_train
         self.augmentations = T.AugmentationList(list(augmentations))
         self.image_format = image_format
+        self.lesion_fade = float(lesion_fade)
+        self.lesion_fade_prob = float(lesion_fade_prob)
         mode = "training" if is_train else "inference"
         logger.info("[CMBDatasetMapper] %s augmentations: %s", mode, augmentations)
+        if is_train and self.lesion_fade > 0:
+            logger.info("[CMBDatasetMapper] lesion fade up to %.2f with probability %.2f",
+                        self.lesion_fade, self.lesion_fade_prob)
 
     @classmethod
     def from_config(cls, cfg: CfgNode, is_train: bool = True) -> dict:
@@ -253,6 +355,8 @@ class CMBDatasetMapper:
             "is_train": is_train,
             "augmentations": build_cmb_augmentations(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
+            "lesion_fade": float(cfg.CMB.AUG.LESION_FADE) if is_train else 0.0,
+            "lesion_fade_prob": float(cfg.CMB.AUG.LESION_FADE_PROB),
         }
 
     def __call__(self, dataset_dict: dict) -> dict:
@@ -269,8 +373,9 @@ class CMBDatasetMapper:
         transforms = self.augmentations(aug_input)
         image = aug_input.image
         shape = image.shape[:2]
-        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if not self.is_train:
+            dataset_dict["image"] = torch.as_tensor(
+                np.ascontiguousarray(image.transpose(2, 0, 1)))
             return dataset_dict
         annos = [utils.transform_instance_annotations(a, transforms, shape) for a in annos]
         instances = utils.annotations_to_instances(annos, shape, mask_format="bitmask")
@@ -280,6 +385,13 @@ class CMBDatasetMapper:
             instances = instances[keep]
         else:  # an empty slice still carries (empty) masks, like any other
             instances.gt_masks = BitMasks(torch.zeros((0, *shape), dtype=torch.bool))
+        if self.lesion_fade > 0 and len(instances):
+            chosen = np.random.rand(len(instances)) < self.lesion_fade_prob
+            if chosen.any():
+                fracs = np.where(chosen, np.random.uniform(0.0, self.lesion_fade,
+                                                           len(instances)), 0.0)
+                image = fade_lesions(image, instances.gt_masks.tensor.numpy(), fracs)
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         dataset_dict["instances"] = instances
         return dataset_dict
 

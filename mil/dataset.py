@@ -157,23 +157,34 @@ def summary_feature_names(names_available: Sequence[str]) -> list[str]:
     return out
 
 
-def summary_features(pb: PatientBag, names: Sequence[str]) -> np.ndarray:
-    """The bag-level summary vector (float32, NaN for a missing age)."""
+def summary_features(
+    pb: PatientBag, names: Sequence[str], idx: np.ndarray | None = None
+) -> np.ndarray:
+    """The bag-level summary vector (float32, NaN for a missing age).
+
+    ``idx`` restricts the counts and scores to those instances (training-time instance
+    dropout); None uses the whole bag.
+    """
     bag = pb.bag
-    n = bag.n_instances
+    n = bag.n_instances if idx is None else len(idx)
+
+    def col(name: str) -> np.ndarray:
+        v = bag.feature(name)
+        return v if idx is None else v[idx]
+
     vals: dict[str, float] = {"log_n": math.log1p(n)}
     if all(bag.has_feature(c) for c in REGION_COLUMNS):
         counts = {}
         for c in REGION_COLUMNS:
             r = c.removeprefix("region_")
-            counts[r] = float(np.clip(bag.feature(c), 0, 1).sum()) if n else 0.0
+            counts[r] = float(np.clip(col(c), 0, 1).sum()) if n else 0.0
             vals[f"log_n_{r}"] = math.log1p(counts[r])
             vals[f"frac_{r}"] = counts[r] / n if n else 0.0
         vals["strictly_lobar"] = float(
             counts["lobar"] >= 2 and counts["deep"] < 0.5 and counts["infratentorial"] < 0.5
         )
     if bag.has_feature("score"):
-        vals["mean_score"] = float(bag.feature("score").mean()) if n else 0.0
+        vals["mean_score"] = float(col("score").mean()) if n else 0.0
     vals["age"] = pb.age
     vals["age_missing"] = float(math.isnan(pb.age))
     missing = [k for k in names if k not in vals]
@@ -246,6 +257,11 @@ class BagDataset(Dataset):
     [K], ``label`` (long, -1 unknown), ``index`` (position in ``bags``). With
     ``max_instances`` (training only) bags larger than that are randomly
     subsampled each time they are drawn; summary features use the whole bag.
+
+    ``instance_dropout`` p > 0 (training only) imitates a detector that finds fewer
+    lesions than the one that made the bags, as at an unseen scanner: each time a bag is
+    drawn a keep rate r is drawn from [1 - p, 1], each lesion is kept with probability
+    r (at least one stays), and the summary features are recomputed on what is kept.
     """
 
     def __init__(
@@ -254,10 +270,14 @@ class BagDataset(Dataset):
         spec: FeatureSpec,
         max_instances: int | None = None,
         seed: int = 0,
+        instance_dropout: float = 0.0,
     ) -> None:
+        if not 0.0 <= instance_dropout < 1.0:
+            raise ValueError(f"instance_dropout must be in [0, 1), got {instance_dropout}")
         self.bags = list(bags)
         self.spec = spec
         self.max_instances = max_instances
+        self.instance_dropout = float(instance_dropout)
         self._rng = np.random.default_rng(seed)
         for pb in self.bags:
             missing = [n for n in spec.feature_names if not pb.bag.has_feature(n)]
@@ -280,8 +300,16 @@ class BagDataset(Dataset):
         pb = self.bags[i]
         n = pb.bag.n_instances
         idx = np.arange(n)
-        if self.max_instances is not None and n > self.max_instances:
-            idx = np.sort(self._rng.choice(n, self.max_instances, replace=False))
+        summary = self._summary[i]
+        if self.instance_dropout > 0 and n:
+            rate = self._rng.uniform(1.0 - self.instance_dropout, 1.0)
+            keep = self._rng.random(n) < rate
+            if not keep.any():
+                keep[self._rng.integers(n)] = True
+            idx = idx[keep]
+            summary = summary_features(pb, self.spec.summary_names, idx)
+        if self.max_instances is not None and len(idx) > self.max_instances:
+            idx = np.sort(self._rng.choice(idx, self.max_instances, replace=False))
         s = self.spec
         if s.use_crops:
             crops = torch.from_numpy(np.ascontiguousarray(pb.bag.crops[idx]))
@@ -290,7 +318,7 @@ class BagDataset(Dataset):
         return {
             "crops": crops,
             "feats": torch.from_numpy(self._feats[i][idx]),
-            "summary": torch.from_numpy(self._summary[i]),
+            "summary": torch.from_numpy(summary),
             "label": torch.tensor(pb.label, dtype=torch.long),
             "index": torch.tensor(i, dtype=torch.long),
         }

@@ -94,6 +94,9 @@ class MILConfig:
     weight_decay: float = 1e-4
     class_weights: str = "balanced"  # or "none"
     max_instances: int | None = 64  # training-time random subsample of large bags
+    # Training-time lesion dropout: keep rate drawn from [1 - p, 1] per draw (0 = off);
+    # a detector at a new scanner finds fewer lesions than in its own training centres.
+    instance_dropout: float = 0.0
     # inputs
     features: list[str] | None = field(default_factory=lambda: list(FEATURE_NAMES))
     log_features: list[str] = field(default_factory=lambda: ["volume_mm3", "n_slices"])
@@ -208,7 +211,10 @@ def fit_model(
     torch.manual_seed(seed)
     model = GatedAttentionMIL(spec, ModelParams(**cfg.model))
     model.set_normalisation(fit_normalisation(train, spec))
-    loader = _loader(BagDataset(train, spec, cfg.max_instances, seed), cfg.batch_size, True, seed)
+    loader = _loader(
+        BagDataset(train, spec, cfg.max_instances, seed, cfg.instance_dropout),
+        cfg.batch_size, True, seed,
+    )
     val_loader = (
         _loader(BagDataset(val, spec), max(cfg.batch_size, 16), False, seed) if val else None
     )

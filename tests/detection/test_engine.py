@@ -168,3 +168,59 @@ def test_noise_blur_is_seeded_and_keeps_geometry() -> None:
     assert not np.array_equal(a, NoiseBlurTransform(1.0, 5.0, seed=8).apply_image(img))
     seg = np.eye(6, dtype=np.uint8)
     assert np.array_equal(t.apply_segmentation(seg), seg)
+
+
+def test_slice_mix_fades_a_bleed_seen_in_one_slice_only() -> None:
+    from detection.engine import SliceMixTransform
+
+    img = np.full((20, 20, 3), 120, dtype=np.uint8)
+    img[8:12, 8:12, 1] = 20  # in the centre slice only
+    out = SliceMixTransform(0.5).apply_image(img)
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    assert out[10, 10, 1] == 70  # 0.5 * 20 + 0.5 * 120
+    assert out[10, 10, 0] == out[10, 10, 2] == 95  # neighbours get a quarter of it
+    assert np.array_equal(out[0, 0], img[0, 0])  # uniform background unchanged
+    assert np.array_equal(SliceMixTransform(0.0).apply_image(img), img)
+
+
+def test_fade_lesions_lifts_the_lesion_to_its_background() -> None:
+    from detection.engine import fade_lesions
+
+    img = np.full((40, 40, 3), 120, dtype=np.uint8)
+    yy, xx = np.mgrid[:40, :40]
+    m = (yy - 20) ** 2 + (xx - 20) ** 2 <= 9
+    img[m] = 30
+    far = np.zeros_like(m)
+    far[2:4, 2:4] = True
+    same = fade_lesions(img, m[None], [0.0])
+    assert np.array_equal(same, img)
+    half = fade_lesions(img, m[None], [0.5])
+    assert half[20, 20, 0] == 75  # halfway between 30 and the ring's 120
+    full = fade_lesions(img, m[None], [1.0])
+    assert full[20, 20, 0] == 120
+    assert np.array_equal(full[~m], img[~m])  # only the dark lesion moves
+    with pytest.raises(ValueError, match="masks"):
+        fade_lesions(img, np.stack([m, far]), [0.5])
+
+
+def test_mapper_lesion_fade_keeps_masks(tiny_dataset: str) -> None:
+    np.random.seed(2)  # noqa: NPY002
+    cfg = setup_cfg(INSTANT, ["CMB.AUG.LESION_FADE", "1.0", "CMB.AUG.LESION_FADE_PROB", "1.0",
+                              "CMB.AUG.ROTATION", "0.0", "CMB.AUG.BRIGHTNESS", "0.0",
+                              "CMB.AUG.CONTRAST", "(1.0, 1.0)", "CMB.AUG.SCALE", "(1.0, 1.0)"])
+    mapper = CMBDatasetMapper(cfg, is_train=True)
+    plain = CMBDatasetMapper(setup_cfg(INSTANT, ["CMB.AUG.ROTATION", "0.0",
+                                                 "CMB.AUG.BRIGHTNESS", "0.0",
+                                                 "CMB.AUG.CONTRAST", "(1.0, 1.0)",
+                                                 "CMB.AUG.SCALE", "(1.0, 1.0)"]), is_train=True)
+    rec = next(r for r in DatasetCatalog.get(tiny_dataset) if r["annotations"])
+    out = mapper(rec)
+    ref = plain(rec)
+    inst = out["instances"]
+    assert len(inst) == len(rec["annotations"])  # faded lesions keep their masks
+    lesion = inst.gt_masks.tensor.any(0)
+    faded = out["image"][1][lesion].float().mean()
+    before = ref["image"][1][ref["instances"].gt_masks.tensor.any(0)].float().mean()
+    assert faded > before + 20  # lifted from ~30 towards the ~140 background
+    with pytest.raises(ValueError, match="lesion_fade"):
+        CMBDatasetMapper(is_train=True, augmentations=[], image_format="RGB", lesion_fade=2.0)

@@ -133,3 +133,26 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     b, _ = _forward(m2, bags)
     torch.testing.assert_close(a.logits, b.logits)
     torch.testing.assert_close(m2.feat_std, m.feat_std)
+
+
+def test_instance_dropout_recomputes_summary_on_kept_lesions() -> None:
+    bags = [pb for pb in _bags(9) if pb.bag.n_instances >= 4]
+    assert bags
+    spec = fit_spec(bags)
+    plain = BagDataset(bags, spec)
+    dropped = BagDataset(bags, spec, seed=3, instance_dropout=0.9)
+    k = spec.summary_names.index("log_n")
+    sizes = []
+    for i, pb in enumerate(bags):
+        n = pb.bag.n_instances
+        assert plain[i]["feats"].shape[0] == n  # no dropout: the whole bag
+        for _ in range(5):
+            item = dropped[i]
+            m = item["feats"].shape[0]
+            assert 1 <= m <= n  # never emptied
+            # the bag-level count follows the lesions that were kept
+            assert item["summary"][k].item() == pytest.approx(np.log1p(m), abs=1e-6)
+            sizes.append(m / n)
+    assert min(sizes) < 1.0  # lesions were dropped at least once
+    with pytest.raises(ValueError, match="instance_dropout"):
+        BagDataset(bags, spec, instance_dropout=1.0)
