@@ -261,7 +261,9 @@ class BagDataset(Dataset):
     ``instance_dropout`` p > 0 (training only) imitates a detector that finds fewer
     lesions than the one that made the bags, as at an unseen scanner: each time a bag is
     drawn a keep rate r is drawn from [1 - p, 1], each lesion is kept with probability
-    r (at least one stays), and the summary features are recomputed on what is kept.
+    r, and the summary features are recomputed on what is kept. A bag may be emptied:
+    a new scanner's detector finds nothing in many patients with one or two bleeds, and
+    in-fold development bags are never empty, so empty bags must be seen in training.
     """
 
     def __init__(
@@ -303,10 +305,7 @@ class BagDataset(Dataset):
         summary = self._summary[i]
         if self.instance_dropout > 0 and n:
             rate = self._rng.uniform(1.0 - self.instance_dropout, 1.0)
-            keep = self._rng.random(n) < rate
-            if not keep.any():
-                keep[self._rng.integers(n)] = True
-            idx = idx[keep]
+            idx = idx[self._rng.random(n) < rate]
             summary = summary_features(pb, self.spec.summary_names, idx)
         if self.max_instances is not None and len(idx) > self.max_instances:
             idx = np.sort(self._rng.choice(idx, self.max_instances, replace=False))
