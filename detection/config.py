@@ -75,3 +75,12 @@ def add_cmb_config(cfg: CN) -> None:
     # Share of a lesion's voxels that must lie in the brain mask (CMBs are parenchymal;
     # 0 disables the test).
     _C.CMB.INFER.MIN_BRAIN_FRACTION = 0.5
+    # Test-time left-right flip: each slice is also run mirrored and the two passes'
+    # instances are fused (matched pairs: mean score; unmatched: half score). Twice the
+    # model time; bleeds are found in both passes more consistently than mimics.
+    _C.CMB.INFER.TTA_HFLIP = False
+    # Candidates for FROC: when > 0 and below SCORE_THRESH, the slice instances down to
+    # this score are also merged into 3D candidates, written (with their centres and
+    # scores) to candidates.csv. lesions.csv / cmb_pred.nii.gz stay at SCORE_THRESH; the
+    # lesion evaluation sweeps FROC over the candidates. 0 = off.
+    _C.CMB.INFER.CANDIDATE_THRESH = 0.0

@@ -11,6 +11,7 @@ Slice instances are then brought back to the RAS voxel grid (area coverage >= 50
 voxel, or the best-covered voxel for a lesion smaller than one voxel), merged into 3D
 lesions with :func:`detection.lesions.merge_slice_instances` (10-connectivity: 8 in-plane,
 2 through-plane; same-slice overlaps unioned; lesion score = max instance score),
+optionally fused with a mirrored pass (``CMB.INFER.TTA_HFLIP``, :func:`fuse_flip_instances`),
 filtered by :func:`detection.lesions.reject_implausible` (``CMB.INFER.MAX_SLICES``,
 ``MAX_DIAMETER_MM``, ``MAX_ELONGATION``, and ``MIN_BRAIN_FRACTION`` of the lesion's voxels
 inside the brain mask) and described by
@@ -18,7 +19,10 @@ inside the brain mask) and described by
 
 Outputs per patient (DESIGN.md contract 3): ``cmb_pred.nii.gz`` (instance ids on the input
 grid and affine), ``lesions.csv``, ``rejected.csv`` (candidates dropped by shape, with the
-reason) and ``overlay.png``.
+reason) and ``overlay.png``. With ``CMB.INFER.CANDIDATE_THRESH`` below ``SCORE_THRESH``,
+also ``candidates.csv``: the same merging and rejection run from the slice instances
+scoring at least the candidate threshold (lesions.csv columns), so that a FROC curve can
+sweep scores under the operating threshold.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ __all__ = [
     "PatientPrediction",
     "SliceInstances",
     "VolumePredictor",
+    "fuse_flip_instances",
     "image_mask_to_ras_plane",
     "paste_mask_in_box",
     "save_overlay",
@@ -116,6 +121,7 @@ class PatientPrediction:
     brain_ras: np.ndarray
     n_slices: int  # slices the model ran on
     seconds: float
+    candidates: pd.DataFrame | None = None  # candidates.csv rows (CANDIDATE_THRESH)
 
     def write(self, out_dir: str | os.PathLike, overlay: bool = True) -> Path:
         """Write ``cmb_pred.nii.gz``, ``lesions.csv``, ``rejected.csv`` and ``overlay.png``
@@ -130,6 +136,9 @@ class PatientPrediction:
             self.table.to_csv(tmp, index=False)
         with atomic_output(out / "rejected.csv") as tmp:
             self.rejected.to_csv(tmp, index=False)
+        if self.candidates is not None:
+            with atomic_output(out / "candidates.csv") as tmp:
+                self.candidates.to_csv(tmp, index=False)
         if overlay:
             with atomic_output(out / "overlay.png") as tmp:
                 save_overlay(self.volume.data, self.labels_ras, tmp, title=self.patient_id)
@@ -173,6 +182,46 @@ def save_overlay(swi_ras: np.ndarray, labels_ras: np.ndarray, path: str | os.Pat
     plt.close(fig)
 
 
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    inter = np.logical_and(a, b).sum()
+    union = np.logical_or(a, b).sum()
+    return float(inter) / float(union) if union else 0.0
+
+
+def fuse_flip_instances(
+    masks_a: Sequence[np.ndarray], scores_a: np.ndarray,
+    masks_b: Sequence[np.ndarray], scores_b: np.ndarray,
+    iou_thresh: float = 0.2,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Fuse one slice's instances from the plain pass (a) and the mirrored pass (b),
+    its masks already flipped back.
+
+    Pairs are matched greedily by mask IoU (>= ``iou_thresh``), highest scores first. A
+    matched pair keeps the mask of its higher-scoring member and the **mean** of the two
+    scores; an instance found in one pass only keeps its mask with **half** its score
+    (the other pass scored it ~0). Returns (masks, scores), highest score first.
+    """
+    sa = np.asarray(scores_a, dtype=np.float64)
+    sb = np.asarray(scores_b, dtype=np.float64)
+    used_b = np.zeros(len(sb), dtype=bool)
+    out: list[tuple[float, np.ndarray]] = []
+    for i in np.argsort(-sa, kind="stable"):
+        best, best_iou = -1, float(iou_thresh)
+        for j in np.flatnonzero(~used_b):
+            iou = _mask_iou(masks_a[i], masks_b[j])
+            if iou >= best_iou:
+                best, best_iou = int(j), iou
+        if best >= 0:
+            used_b[best] = True
+            mask = masks_a[i] if sa[i] >= sb[best] else masks_b[best]
+            out.append((0.5 * (sa[i] + sb[best]), mask))
+        else:
+            out.append((0.5 * sa[i], masks_a[i]))
+    out += [(0.5 * sb[j], masks_b[j]) for j in np.flatnonzero(~used_b)]
+    out.sort(key=lambda t: -t[0])
+    return [m for _, m in out], np.array([sc for sc, _ in out], dtype=np.float32)
+
+
 class VolumePredictor:
     """Run a trained config + weights over whole SWI volumes (see the module docstring)."""
 
@@ -187,9 +236,16 @@ class VolumePredictor:
         # suppress a lower one, so the kept boxes >= the threshold are the same, and the
         # mask head no longer runs on the discarded low-score boxes.
         predictor = getattr(getattr(self.model, "roi_heads", None), "box_predictor", None)
+        self.tta_hflip = bool(cfg.CMB.INFER.TTA_HFLIP)
+        # With the flip, fused scores are means of two passes: keep each pass's instances
+        # down to half the threshold (lower ones count as absent, i.e. score 0).
+        op = float(cfg.CMB.INFER.SCORE_THRESH)
+        cand = float(cfg.CMB.INFER.CANDIDATE_THRESH)
+        self.candidate_thresh = cand if 0 < cand < op else None
+        self._raw_thresh = (self.candidate_thresh or op) * (0.5 if self.tta_hflip else 1)
         if predictor is not None and hasattr(predictor, "test_score_thresh"):
             predictor.test_score_thresh = max(float(predictor.test_score_thresh),
-                                              float(cfg.CMB.INFER.SCORE_THRESH))
+                                              self._raw_thresh)
         if self.model.device.type == "cpu":
             # oneDNN convolutions run ~1.5x faster on channels-last tensors on CPU.
             self.model.to(memory_format=torch.channels_last)
@@ -213,7 +269,7 @@ class VolumePredictor:
         """Binary masks (pasted inside their boxes) and scores of one slice's raw output."""
         h, w = shape
         # merge_slice_instances drops instances below SCORE_THRESH: never paste them.
-        inst = inst[inst.scores >= float(self.cfg.CMB.INFER.SCORE_THRESH)]
+        inst = inst[inst.scores >= self._raw_thresh]
         boxes = inst.pred_boxes.tensor.numpy()
         scores = inst.scores.numpy()
         probs = inst.pred_masks[:, 0].numpy() if len(inst) else np.zeros((0, 1, 1))
@@ -240,21 +296,27 @@ class VolumePredictor:
             it = tqdm.tqdm(it, desc="slice batches", leave=False)
         for start in it:
             batch = zs[start:start + self.batch_size]
-            inputs = [self._to_input(prep.rgb(z)) for z in batch]
-            raw = self.model.inference(inputs, do_postprocess=False)
-            for z, inst in zip(batch, raw):
+            rgbs = [prep.rgb(z) for z in batch]
+            raw = self.model.inference([self._to_input(x) for x in rgbs], do_postprocess=False)
+            if self.tta_hflip:
+                flipped = self.model.inference(
+                    [self._to_input(x[:, ::-1]) for x in rgbs], do_postprocess=False)
+            for k, (z, inst) in enumerate(zip(batch, raw)):
                 masks, scores = self._slice_instances(inst.to("cpu"), shape)
+                if self.tta_hflip:
+                    fm, fs = self._slice_instances(flipped[k].to("cpu"), shape)
+                    masks, scores = fuse_flip_instances(
+                        masks, scores, [m[:, ::-1] for m in fm], fs)
                 out.append((z, masks, scores))
         return out
 
     # ------------------------------------------------------------------ 3D
-    def to_lesions(self, prep: PreparedVolume, detections, volume: Volume,
-                   brain_ras: np.ndarray, patient_id: str = ""):
-        """Slice detections -> 3D lesions on the RAS grid, shape-filtered, with a table."""
+    def _merge(self, detections, volume: Volume, brain_ras: np.ndarray, thresh: float,
+               patient_id: str):
+        """Slice detections scoring >= ``thresh`` -> 3D lesions, shape-filtered."""
         nx, ny, nz = volume.data.shape
         infer = self.cfg.CMB.INFER
         per_slice: list[SliceInstances] = []
-        thresh = float(infer.SCORE_THRESH)
         for z, masks, scores in detections:
             keep = [i for i, s in enumerate(scores) if s >= thresh]  # merge drops the rest
             if not keep:
@@ -271,7 +333,22 @@ class VolumePredictor:
         )
         table = lesion_table(rej.lesions.labels, volume.affine, rej.lesions, brain_ras,
                              self.region_fn, patient_id=patient_id)
+        return rej, table
+
+    def to_lesions(self, prep: PreparedVolume, detections, volume: Volume,
+                   brain_ras: np.ndarray, patient_id: str = ""):
+        """Slice detections -> 3D lesions on the RAS grid, shape-filtered, with a table."""
+        rej, table = self._merge(detections, volume, brain_ras,
+                                 float(self.cfg.CMB.INFER.SCORE_THRESH), patient_id)
         return rej.lesions.labels, table, rej.rejected
+
+    def candidates(self, detections, volume: Volume, brain_ras: np.ndarray,
+                   patient_id: str = "") -> pd.DataFrame | None:
+        """The candidates table (``CANDIDATE_THRESH``), or None when that is off."""
+        if self.candidate_thresh is None:
+            return None
+        return self._merge(detections, volume, brain_ras, self.candidate_thresh,
+                           patient_id)[1]
 
     def __call__(self, swi: str | os.PathLike, brain_mask: str | os.PathLike | None = None,
                  patient_id: str = "", progress: bool = False) -> PatientPrediction:
@@ -282,11 +359,12 @@ class VolumePredictor:
         detections = self.detect(prep, progress=progress)
         labels, table, rejected = self.to_lesions(prep, detections, case.swi, case.brain,
                                                   patient_id)
+        cands = self.candidates(detections, case.swi, case.brain, patient_id)
         dt = time.perf_counter() - t0
         logger.info("%s: %d lesions (%d rejected) from %d slices in %.1f s",
                     patient_id or swi, len(table), len(rejected), len(prep.slice_indices), dt)
         return PatientPrediction(patient_id, case.swi, labels, table, rejected, case.brain,
-                                 len(prep.slice_indices), dt)
+                                 len(prep.slice_indices), dt, cands)
 
 
 def empty_lesion_table() -> pd.DataFrame:

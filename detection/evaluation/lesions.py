@@ -27,7 +27,11 @@ Conventions (``../shared/REFERENCES.md``; all written into ``metrics.json``)
   quantiles), re-matched with the VALDO rule at each threshold; sensitivity = total
   TP / total reference lesions, FP per patient = total FP / number of patients. The
   sensitivity at a target FP rate is the best sensitivity among operating points with
-  at most that many FP per patient (so the curve is monotone).
+  at most that many FP per patient (so the curve is monotone). The sweep runs over
+  every candidate, not only those above the operating ``score_thresh``: the lesions
+  before that threshold, or the prediction's ``candidates.csv`` (lesions merged from
+  slice instances down to ``CMB.INFER.CANDIDATE_THRESH``) when it has one. A FROC cut
+  at the operating threshold would stop at that threshold's sensitivity.
 """
 
 from __future__ import annotations
@@ -157,6 +161,9 @@ class PatientEval:
     ref_com: np.ndarray
     matches: list[tuple[int, int, float, float]] = field(default_factory=list)
     """(pred id, ref id, distance mm, lesion Dice)."""
+    froc_com: np.ndarray | None = None
+    """Centres (mm) of the candidates FROC sweeps over; None: the predicted lesions."""
+    froc_scores: np.ndarray | None = None
 
 
 def _ratio(num: float, den: float) -> float:
@@ -172,11 +179,14 @@ def evaluate_patient(
     patient_id: str = "",
     match_mm: float = 5.0,
     score_thresh: float | None = None,
+    candidates: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> PatientEval:
     """All per-patient metrics (module docstring) for one predicted label volume.
 
     ``scores``: predicted lesion id -> score (missing ids score 1.0 with a warning;
     ``None``: all 1.0). ``score_thresh`` drops predicted lesions scoring below it first.
+    ``candidates``: (centres [n, 3] in mm, scores [n]) for the FROC sweep; None: the
+    predicted lesions before ``score_thresh``.
     """
     pred = np.asarray(pred_labels)
     if np.issubdtype(pred.dtype, np.floating):
@@ -194,7 +204,18 @@ def evaluate_patient(
             logger.warning("%s: no score for predicted lesions %s; using 1.0", patient_id,
                            missing[:10])
         sc = np.array([float(scores.get(int(i), 1.0)) for i in pids])
+    froc_com = froc_scores = None
+    if candidates is not None:
+        froc_com = np.asarray(candidates[0], dtype=np.float64).reshape(-1, 3)
+        froc_scores = np.asarray(candidates[1], dtype=np.float64).reshape(-1)
+        if len(froc_com) != len(froc_scores):
+            raise LesionEvalError(f"{patient_id}: {len(froc_com)} candidate centres but "
+                                  f"{len(froc_scores)} scores")
     if score_thresh is not None and len(pids):
+        if candidates is None and np.any(sc < score_thresh):
+            all_ids, froc_com = lesion_centres(pred, affine)
+            score_all = dict(zip(pids.tolist(), sc.tolist()))
+            froc_scores = np.array([score_all.get(int(i), 1.0) for i in all_ids])
         drop = pids[sc < score_thresh]
         if len(drop):
             pred = np.where(np.isin(pred, drop), 0, pred)
@@ -242,7 +263,8 @@ def evaluate_patient(
     return PatientEval(
         patient_id=patient_id, metrics=metrics, pred_ids=pid_arr,
         pred_scores=np.array([score_of.get(int(i), 1.0) for i in pid_arr]),
-        pred_com=pcom, ref_ids=rid_arr, ref_com=rcom, matches=matches)
+        pred_com=pcom, ref_ids=rid_arr, ref_com=rcom, matches=matches,
+        froc_com=froc_com, froc_scores=froc_scores)
 
 
 # ============================================================================ agreement
@@ -289,8 +311,10 @@ def froc(cases: Sequence[PatientEval], fp_rates: Sequence[float] = FROC_FP_RATES
     """FROC over patients (module docstring): the curve and sensitivity at ``fp_rates``."""
     n_pat = len(cases)
     total_ref = sum(len(c.ref_ids) for c in cases)
-    pre = [(_candidate_pairs(c.pred_com, c.ref_com, match_mm), c.pred_scores) for c in cases]
-    all_scores = np.concatenate([c.pred_scores for c in cases]) if cases else np.zeros(0)
+    cand = [(c.pred_com, c.pred_scores) if c.froc_com is None else (c.froc_com, c.froc_scores)
+            for c in cases]
+    pre = [(_candidate_pairs(com, c.ref_com, match_mm), s) for (com, s), c in zip(cand, cases)]
+    all_scores = np.concatenate([s for _, s in cand]) if cases else np.zeros(0)
     thr = np.unique(all_scores)[::-1]
     if len(thr) > _MAX_THRESHOLDS:
         thr = np.unique(np.quantile(all_scores, np.linspace(0, 1, _MAX_THRESHOLDS)))[::-1]
@@ -390,7 +414,8 @@ def evaluate_cohort(cases: Iterable[PatientEval], *, match_mm: float = 5.0,
                         "nearest-first, one-to-one",
             "f1": "2TP/(2TP+FP+FN) per case; 1 when no reference and no prediction",
             "icc": "ICC(2,1) absolute agreement of lesion counts (ICC(3,1) beside it)",
-            "froc": "re-matched at each score threshold; best sensitivity at <= k FP/patient",
+            "froc": ("re-matched at each score threshold over all candidates (candidates.csv, "
+                     "or the lesions before score_thresh); best sensitivity at <= k FP/patient"),
             "reference_instances": "mask ids if several, else 26-connected components",
         },
     }
@@ -485,6 +510,22 @@ def _read_scores(csv_path: Path) -> dict[int, float]:
     return {int(i): float(s) for i, s in zip(df["lesion_id"], df["max_score"])}
 
 
+def _read_candidates(patient_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(centres mm, scores) from ``candidates.csv``, or None when the folder has none."""
+    path = patient_dir / "candidates.csv"
+    if not path.is_file():
+        return None
+    df = pd.read_csv(path)
+    need = {"x_mm", "y_mm", "z_mm", "max_score"}
+    if not need.issubset(df.columns):
+        raise LesionEvalError(f"{path}: needs columns {sorted(need)}, has {list(df.columns)}")
+    com = df[["x_mm", "y_mm", "z_mm"]].to_numpy(np.float64)
+    scores = df["max_score"].to_numpy(np.float64)
+    if not (np.isfinite(com).all() and np.isfinite(scores).all()):
+        raise LesionEvalError(f"{path}: non-finite centre or score")
+    return com, scores
+
+
 def evaluate_prediction_dir(
     pred_dir: str | Path,
     manifest: str | Path,
@@ -537,7 +578,8 @@ def evaluate_prediction_dir(
         ref = np.asarray(rimg.dataobj).reshape(rimg.shape[:3])
         evals.append(evaluate_patient(pred, ref, rimg.affine, _read_scores(csv_path),
                                       patient_id=pid, match_mm=match_mm,
-                                      score_thresh=score_thresh))
+                                      score_thresh=score_thresh,
+                                      candidates=_read_candidates(csv_path.parent)))
         logger.info("[%d/%d] %s: %s", n, len(todo), pid,
                     {k: round(float(evals[-1].metrics[k]), 3)
                      for k in ("dice", "f1", "tp", "fp", "fn")})

@@ -124,3 +124,79 @@ def test_fast_path_keeps_the_plain_models_detections(instant_weights) -> None:
     torch.testing.assert_close(got.scores, ref.scores[keep], atol=1e-4, rtol=0)
     torch.testing.assert_close(got.pred_boxes.tensor, ref.pred_boxes.tensor[keep],
                                atol=1e-2, rtol=0)
+
+
+def test_fuse_flip_instances_means_matched_and_halves_unmatched() -> None:
+    from detection.inference import fuse_flip_instances
+
+    def box(y0: int, x0: int, s: int = 4) -> np.ndarray:
+        m = np.zeros((20, 20), dtype=bool)
+        m[y0:y0 + s, x0:x0 + s] = True
+        return m
+
+    a = [box(2, 2), box(10, 10)]
+    b = [box(2, 3), box(15, 2)]  # first overlaps a[0] (IoU 0.6), second is new
+    masks, scores = fuse_flip_instances(a, np.array([0.9, 0.6]), b, np.array([0.7, 0.8]))
+    assert scores.tolist() == pytest.approx([0.8, 0.4, 0.3])
+    assert np.array_equal(masks[0], a[0])  # the higher-scoring member's mask
+    assert np.array_equal(masks[1], b[1]) and np.array_equal(masks[2], a[1])
+    # nothing in one pass: everything at half score; nothing anywhere: empty
+    m2, s2 = fuse_flip_instances(a, np.array([0.9, 0.6]), [], np.zeros(0))
+    assert s2.tolist() == pytest.approx([0.45, 0.3]) and len(m2) == 2
+    m3, s3 = fuse_flip_instances([], np.zeros(0), [], np.zeros(0))
+    assert m3 == [] and s3.shape == (0,)
+
+
+def test_flip_tta_runs_both_passes(instant_weights, tmp_path) -> None:
+    cfg, weights = instant_weights
+    cfg2 = cfg.clone()
+    cfg2.defrost()
+    cfg2.CMB.INFER.TTA_HFLIP = True
+    cfg2.CMB.INFER.SCORE_THRESH = 0.2
+    rng = np.random.default_rng(1)
+    data = rng.normal(100, 5, (40, 48, 10)).astype(np.float32)
+    data[8:32, 8:40, 2:8] += 50
+    data[15:18, 20:23, 4:6] = 5
+    swi = tmp_path / "swi.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0])), swi)
+    tta = VolumePredictor(cfg2, str(weights))
+    assert tta.model.roi_heads.box_predictor.test_score_thresh == pytest.approx(0.1)
+    calls = []
+    inner = tta.model.inference
+
+    def counting(inputs, **kw):  # noqa: ANN001, ANN003, ANN202
+        calls.append(len(inputs))
+        return inner(inputs, **kw)
+
+    tta.model.inference = counting
+    pred = tta(swi, patient_id="P1")
+    assert len(calls) % 2 == 0  # each batch: plain pass, then mirrored pass
+    assert sum(calls) == 2 * pred.n_slices
+    assert (pred.table["max_score"] >= 0.2).all()
+
+
+def test_candidates_below_the_operating_threshold(instant_weights, tmp_path) -> None:
+    """CANDIDATE_THRESH adds candidates.csv and leaves the operating outputs unchanged."""
+    cfg, weights = instant_weights
+    rng = np.random.default_rng(1)
+    data = rng.normal(100, 5, (40, 48, 10)).astype(np.float32)
+    data[8:32, 8:40, 2:8] += 50
+    data[15:18, 20:23, 4:6] = 5
+    swi = tmp_path / "swi.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0])), swi)
+    base = cfg.clone()
+    base.defrost()
+    base.CMB.INFER.SCORE_THRESH = 0.5
+    plain = VolumePredictor(base, str(weights))(swi, patient_id="P1")
+    with_c = base.clone()
+    with_c.CMB.INFER.CANDIDATE_THRESH = 0.05
+    pred = VolumePredictor(with_c, str(weights))(swi, patient_id="P1")
+    assert np.array_equal(pred.labels_ras, plain.labels_ras)
+    pd.testing.assert_frame_equal(pred.table, plain.table)
+    cands = pred.candidates
+    assert plain.candidates is None and cands is not None
+    assert len(cands) > 0  # (merging lower-scoring slices may join or reject lesions)
+    assert (cands["max_score"] >= 0.05).all()
+    out = pred.write(tmp_path / "P1", overlay=False)
+    assert (out / "candidates.csv").is_file()
+    assert not (plain.write(tmp_path / "P0", overlay=False) / "candidates.csv").exists()

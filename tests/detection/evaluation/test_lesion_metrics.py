@@ -174,6 +174,26 @@ def test_froc_rematches_when_the_nearest_prediction_is_thresholded_out():
     assert fr["curve"]["sensitivity"] == pytest.approx([0, 1.0, 1.0])
 
 
+def test_froc_sweeps_below_the_operating_threshold():
+    # operating threshold 0.5 keeps one of two true lesions; FROC still sees the other
+    ref = two_lesions()
+    r = E.evaluate_patient(two_lesions(), ref, EYE, {1: 0.9, 2: 0.3}, score_thresh=0.5)
+    assert (r.metrics["tp"], r.metrics["fn"]) == (1, 1)
+    fr = E.froc([r])
+    assert fr["curve"]["threshold"] == pytest.approx([np.inf, 0.9, 0.3])
+    assert fr["sensitivity"][-1] == pytest.approx(1.0)  # both found at threshold 0.3
+    # explicit candidates (candidates.csv): their centres and scores are what is swept
+    _, com = E.lesion_centres(ref, EYE)
+    extra = np.vstack([com, [[35.0, 35.0, 2.0]]])
+    r2 = E.evaluate_patient(two_lesions(), ref, EYE, {1: 0.9, 2: 0.3}, score_thresh=0.5,
+                            candidates=(extra, np.array([0.9, 0.3, 0.2])))
+    fr2 = E.froc([r2])
+    assert fr2["curve"]["fp_per_patient"] == pytest.approx([0, 0, 0, 1.0])
+    assert fr2["curve"]["sensitivity"] == pytest.approx([0, 0.5, 1.0, 1.0])
+    with pytest.raises(E.LesionEvalError, match="candidate"):
+        E.evaluate_patient(two_lesions(), ref, EYE, candidates=(com, np.ones(3)))
+
+
 def test_cohort_summary_and_report(tmp_path):
     cases = froc_cases()
     res = E.evaluate_cohort(cases)
