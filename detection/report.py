@@ -948,8 +948,11 @@ def _markdown(layout: RunLayout, m: Mapping[str, Any], det_ext, det_dev, coco, c
         "**In-fold development bags.** The detector was trained on all development "
         "patients, so their detections (and the MIL training bags built from them) are "
         "in-fold: cleaner than on unseen patients. The MIL cross-validation figures are "
-        "therefore optimistic and the MIL model meets noisier bags on the external centre; "
-        "out-of-fold detector predictions would remove this mismatch at 5x the training cost.",
+        "therefore optimistic and the MIL model meets other bags on the external centre: on "
+        "the synthetic cohort, fewer lesions and many empty bags (in-fold bags are never "
+        "empty). Training-time lesion dropout (`instance_dropout` in the MIL config, which "
+        "may empty a bag) makes the classifier robust to that; out-of-fold detector "
+        "predictions would remove the mismatch at 5x the training cost.",
         "**Development detection metrics are in-fold** (training patients) and shown only "
         "for comparison with the external ones.",
         "**Small external test set.** The confidence intervals are wide; the study's "
