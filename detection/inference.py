@@ -244,6 +244,11 @@ class VolumePredictor:
         self.candidate_thresh = cand if 0 < cand < op else None
         self._raw_thresh = (self.candidate_thresh or op) * (0.5 if self.tta_hflip else 1)
         if predictor is not None and hasattr(predictor, "test_score_thresh"):
+            if float(predictor.test_score_thresh) > self._raw_thresh + 1e-9:
+                logger.warning(
+                    "MODEL.ROI_HEADS.SCORE_THRESH_TEST %.3f is above the lowest score kept "
+                    "(%.3f): slice detections between the two are lost",
+                    float(predictor.test_score_thresh), self._raw_thresh)
             predictor.test_score_thresh = max(float(predictor.test_score_thresh),
                                               self._raw_thresh)
         if self.model.device.type == "cpu":

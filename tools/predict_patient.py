@@ -233,9 +233,6 @@ class PatientPredictor:
 
         self.files = files
         cfg = setup_cfg(files["config"], list(opts))
-        # Detections under CMB.INFER.SCORE_THRESH never become lesions: drop them early.
-        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = max(float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST),
-                                                    float(cfg.CMB.INFER.SCORE_THRESH))
         self.detector = VolumePredictor(cfg, str(files["weights"]))
         self.mil, self.mil_info = load_checkpoint(files["mil_model"])
         rule = self.mil_info.get("meta", {}).get("config", {}).get("baseline", {})

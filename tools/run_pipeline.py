@@ -348,10 +348,8 @@ def _predict_init(config: str, weights: str) -> None:
     from detection.inference import VolumePredictor
 
     cfg = setup_cfg(config, [])
-    # Slice detections under CMB.INFER.SCORE_THRESH never reach a 3D lesion; dropping them
-    # in the ROI heads (before the mask head and pasting) gives the same lesions, faster.
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = max(float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST),
-                                                float(cfg.CMB.INFER.SCORE_THRESH))
+    # VolumePredictor raises the ROI heads' score filter to the lowest score it keeps
+    # (CMB.INFER.CANDIDATE_THRESH or SCORE_THRESH) itself.
     _PREDICTOR = VolumePredictor(cfg, weights)
 
 
