@@ -273,7 +273,8 @@ class VolumePredictor:
     def _slice_instances(self, inst: Instances, shape: tuple[int, int]) -> tuple[list, np.ndarray]:
         """Binary masks (pasted inside their boxes) and scores of one slice's raw output."""
         h, w = shape
-        # merge_slice_instances drops instances below SCORE_THRESH: never paste them.
+        # Nothing under the lowest score kept (candidate / operating threshold, halved
+        # with the flip) reaches a lesion or a candidate: never paste it.
         inst = inst[inst.scores >= self._raw_thresh]
         boxes = inst.pred_boxes.tensor.numpy()
         scores = inst.scores.numpy()

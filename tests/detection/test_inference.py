@@ -147,18 +147,24 @@ def test_fuse_flip_instances_means_matched_and_halves_unmatched() -> None:
     assert m3 == [] and s3.shape == (0,)
 
 
-def test_flip_tta_runs_both_passes(instant_weights, tmp_path) -> None:
-    cfg, weights = instant_weights
-    cfg2 = cfg.clone()
-    cfg2.defrost()
-    cfg2.CMB.INFER.TTA_HFLIP = True
-    cfg2.CMB.INFER.SCORE_THRESH = 0.2
+def _focus_volume(tmp_path: Path) -> Path:
+    """A small noisy "brain" with one dark focus, 1 x 1 x 2 mm voxels, saved as NIfTI."""
     rng = np.random.default_rng(1)
     data = rng.normal(100, 5, (40, 48, 10)).astype(np.float32)
     data[8:32, 8:40, 2:8] += 50
     data[15:18, 20:23, 4:6] = 5
     swi = tmp_path / "swi.nii.gz"
     nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0])), swi)
+    return swi
+
+
+def test_flip_tta_runs_both_passes(instant_weights, tmp_path) -> None:
+    cfg, weights = instant_weights
+    cfg2 = cfg.clone()
+    cfg2.defrost()
+    cfg2.CMB.INFER.TTA_HFLIP = True
+    cfg2.CMB.INFER.SCORE_THRESH = 0.2
+    swi = _focus_volume(tmp_path)
     tta = VolumePredictor(cfg2, str(weights))
     assert tta.model.roi_heads.box_predictor.test_score_thresh == pytest.approx(0.1)
     calls = []
@@ -178,12 +184,7 @@ def test_flip_tta_runs_both_passes(instant_weights, tmp_path) -> None:
 def test_candidates_below_the_operating_threshold(instant_weights, tmp_path) -> None:
     """CANDIDATE_THRESH adds candidates.csv and leaves the operating outputs unchanged."""
     cfg, weights = instant_weights
-    rng = np.random.default_rng(1)
-    data = rng.normal(100, 5, (40, 48, 10)).astype(np.float32)
-    data[8:32, 8:40, 2:8] += 50
-    data[15:18, 20:23, 4:6] = 5
-    swi = tmp_path / "swi.nii.gz"
-    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0])), swi)
+    swi = _focus_volume(tmp_path)
     base = cfg.clone()
     base.defrost()
     base.CMB.INFER.SCORE_THRESH = 0.5
