@@ -190,6 +190,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
            "--mil-opt", "max_epochs=2", "--mil-opt", "min_epochs=1", "--mil-opt", "n_folds=2",
            "--mil-opt", "val_fraction=0", "--mil-opt", "n_bootstrap=50", "--n-overlays", "1",
            "CMB.TARGET_SPACING", "1.0", "SOLVER.MAX_ITER", "2", "CMB.INFER.SCORE_THRESH", "0.3",
+           "CMB.INFER.CANDIDATE_THRESH", "0.05",
            "TEST.DETECTIONS_PER_IMAGE", "10", "DATALOADER.NUM_WORKERS", "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -199,6 +200,14 @@ def test_tiny_pipeline_end_to_end(tmp_path):
                 "bags/index.csv", "mil/metrics.json", "mil/model/model.pth", "report.md",
                 "metrics.json", "figures/froc.png", "figures/glass_brain_detected.png"):
         assert (out / rel).exists(), rel
+    # FROC candidates go below the operating threshold (the predict workers must not
+    # raise the ROI filter back to it)
+    cands = pd.concat([pd.read_csv(p) for p in sorted((out / "predict").glob("*/candidates.csv"))])
+    lesions = pd.read_csv(out / "predict" / "lesions_all.csv")
+    n_patients = len(pd.read_csv(out / "cohort" / "manifest.csv"))
+    assert len(list((out / "predict").glob("*/candidates.csv"))) == n_patients
+    assert (lesions["max_score"] >= 0.3).all()
+    assert len(cands) and (cands["max_score"] >= 0.05).all() and (cands["max_score"] < 0.3).any()
     metrics = json.loads((out / "metrics.json").read_text())
     assert [s["stage"] for s in metrics["stages"]] == list(rp.STAGES)
     assert all(s["status"] == "ran" for s in metrics["stages"])
