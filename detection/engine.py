@@ -57,6 +57,14 @@ __all__ = [
 ]
 
 
+def _as_dtype_of(out: np.ndarray, like: np.ndarray, rounded: bool = False) -> np.ndarray:
+    """``out`` (float) back in ``like``'s dtype: 8-bit images are clipped to 0-255
+    (rounded first when ``rounded``, truncated otherwise); other dtypes are cast."""
+    if like.dtype == np.uint8:
+        return np.clip(np.rint(out) if rounded else out, 0, 255).astype(np.uint8)
+    return out.astype(like.dtype)
+
+
 class _PhotometricTransform(T.Transform):
     """A transform that changes grey levels only: boxes, coordinates and masks stay."""
 
@@ -85,9 +93,7 @@ class IntensityTransform(_PhotometricTransform):
         img_f = img.astype(np.float32)
         mean = float(img_f.mean())
         out = (img_f - mean) * self.contrast + mean + self.shift
-        if img.dtype == np.uint8:
-            return np.clip(out, 0, 255).astype(np.uint8)
-        return out.astype(img.dtype)
+        return _as_dtype_of(out, img)
 
 
 class IntensityJitter(T.Augmentation):
@@ -123,9 +129,7 @@ class NoiseBlurTransform(_PhotometricTransform):
         if self.noise_std > 0:
             noise = np.random.default_rng(self.seed).normal(0.0, self.noise_std, out.shape[:2])
             out = out + noise[..., None].astype(np.float32) if out.ndim == 3 else out + noise
-        if img.dtype == np.uint8:
-            return np.clip(out, 0, 255).astype(np.uint8)
-        return out.astype(img.dtype)
+        return _as_dtype_of(out, img)
 
 
 class NoiseBlur(T.Augmentation):
@@ -174,9 +178,7 @@ class SliceMixTransform(_PhotometricTransform):
             ],
             axis=-1,
         )
-        if img.dtype == np.uint8:
-            return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-        return out.astype(img.dtype)
+        return _as_dtype_of(out, img, rounded=True)
 
 
 class SliceMix(T.Augmentation):
@@ -226,9 +228,7 @@ def fade_lesions(
         out = out + float(min(frac, 1.0)) * soft * lift
     if image.ndim == 2:
         out = out[..., 0]
-    if image.dtype == np.uint8:
-        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    return out.astype(image.dtype)
+    return _as_dtype_of(out, image, rounded=True)
 
 
 class RandomScale(T.Augmentation):
