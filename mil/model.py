@@ -15,6 +15,11 @@ vector is all zeros. A bag of one instance gets attention exactly 1.
 Normalisation statistics are registered buffers, so they are part of the
 ``state_dict``. Checkpoints are ``model.pth`` (``torch.save(state_dict)``, loaded
 with ``weights_only=True``) plus ``model.json`` (feature spec, hyper-parameters).
+
+:class:`MILEnsemble` averages the class probabilities and the attention of members
+trained alike with different seeds. It is saved as one checkpoint per member
+(``model.pth``, ``model_m1.pth``, ...); ``model.json`` lists them under
+``meta.ensemble`` and :func:`load_checkpoint` returns the ensemble.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -181,6 +187,42 @@ class GatedAttentionMIL(nn.Module):
         return MILOutput(self.classifier(z), a)
 
 
+class MILEnsemble(nn.Module):
+    """Members with one feature spec; the output averages their probabilities.
+
+    ``logits`` are the log of the mean member probability (so a softmax gives the
+    mean back) and ``attention`` is the mean member attention (still summing to 1
+    over a non-empty bag). Seed averaging steadies a small-cohort classifier whose
+    single-seed accuracy moves by a few patients from seed to seed.
+    """
+
+    def __init__(self, members: Sequence[GatedAttentionMIL]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        spec0 = members[0].spec.to_dict()
+        for i, m in enumerate(members[1:], start=1):
+            if m.spec.to_dict() != spec0:
+                raise ValueError(f"ensemble member {i} has a different feature spec "
+                                 "from member 0; members must share their inputs")
+        self.members = nn.ModuleList(members)
+        self.spec = members[0].spec
+        self.params = members[0].params
+
+    def forward(
+        self,
+        crops: torch.Tensor,
+        feats: torch.Tensor,
+        mask: torch.Tensor,
+        summary: torch.Tensor,
+    ) -> MILOutput:
+        """Mean probability and mean attention of the members (same inputs as one)."""
+        outs = [m(crops, feats, mask, summary) for m in self.members]
+        probs = torch.stack([torch.softmax(o.logits, dim=1) for o in outs]).mean(0)
+        att = torch.stack([o.attention for o in outs]).mean(0)
+        return MILOutput(torch.log(probs.clamp_min(1e-12)), att)
+
+
 def _atomic_bytes(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -195,17 +237,35 @@ def _atomic_bytes(path: Path, write: Any) -> None:
 
 
 def save_checkpoint(
-    model: GatedAttentionMIL, directory: str | os.PathLike, meta: dict | None = None,
-    name: str = "model",
+    model: GatedAttentionMIL | MILEnsemble, directory: str | os.PathLike,
+    meta: dict | None = None, name: str = "model",
 ) -> Path:
-    """Write ``<dir>/<name>.pth`` (state_dict) and ``<dir>/<name>.json`` atomically."""
+    """Write ``<dir>/<name>.pth`` (state_dict) and ``<dir>/<name>.json`` atomically.
+
+    An ensemble writes its members 1.. as ``<name>_m<i>`` first and member 0 as
+    ``<name>`` last, with ``meta["ensemble"]`` naming all of them, so a checkpoint
+    that is read never points at members not yet written.
+    """
     directory = Path(directory)
+    meta = dict(meta or {})
+    if isinstance(model, MILEnsemble):
+        names = [name] + [f"{name}_m{i}" for i in range(1, len(model.members))]
+        for i in range(1, len(model.members)):
+            _save_one(model.members[i], directory,
+                      {"ensemble_member": i, "ensemble_of": name}, names[i])
+        meta["ensemble"] = names
+        return _save_one(model.members[0], directory, meta, name)
+    meta.pop("ensemble", None)
+    return _save_one(model, directory, meta, name)
+
+
+def _save_one(model: GatedAttentionMIL, directory: Path, meta: dict, name: str) -> Path:
     info = {
         "format": CHECKPOINT_FORMAT,
         "classes": list(CLASSES),
         "spec": model.spec.to_dict(),
         "params": asdict(model.params),
-        "meta": meta or {},
+        "meta": meta,
     }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     _atomic_bytes(directory / f"{name}.pth", lambda fh: torch.save(state, fh))
@@ -216,15 +276,31 @@ def save_checkpoint(
 
 def load_checkpoint(
     path: str | os.PathLike,
-) -> tuple[GatedAttentionMIL, dict]:
+) -> tuple[GatedAttentionMIL | MILEnsemble, dict]:
     """Load a model saved by :func:`save_checkpoint` (path to the .pth or its folder).
 
     Returns:
-        (model in eval mode, the model.json dict).
+        (model in eval mode - a :class:`MILEnsemble` when ``meta.ensemble`` lists
+        several members - and member 0's model.json dict).
     """
     path = Path(path)
     if path.is_dir():
         path = path / "model.pth"
+    model, info = _load_one(path)
+    names = info.get("meta", {}).get("ensemble") or []
+    if len(names) <= 1:
+        return model, info
+    if not isinstance(names, list) or not all(isinstance(n, str) and n and "/" not in n
+                                              and "\\" not in n for n in names):
+        raise ValueError(f"{path.with_suffix('.json')}: meta.ensemble must list member "
+                         f"names in the same folder, got {names!r}")
+    members = [model] + [_load_one(path.parent / f"{n}.pth")[0] for n in names[1:]]
+    ens = MILEnsemble(members)
+    ens.eval()
+    return ens, info
+
+
+def _load_one(path: Path) -> tuple[GatedAttentionMIL, dict]:
     info_path = path.with_suffix(".json")
     if not path.is_file() or not info_path.is_file():
         raise FileNotFoundError(f"checkpoint needs {path} and {info_path}")

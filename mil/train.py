@@ -16,13 +16,21 @@ Protocol (:func:`train_cv`):
 4. The final model is evaluated on the external centre(s). The rule-based baseline
    (:mod:`mil.baseline`) is evaluated on the same patients.
 
+With ``ensemble_size: E > 1`` every fold model and the final model is a
+:class:`mil.model.MILEnsemble` of E members: member m uses seed ``seed + 1000 m``
+(and the fold's offset), its own inner validation split and its own early-stopping
+epoch; the final member m trains for the median best epoch of member m over the
+folds. CV and external predictions are the members' mean probabilities, so the CV
+estimate describes the same procedure as the final model.
+
 Outputs in ``out_dir`` (DESIGN.md contract 5; every file written atomically):
 ``predictions.csv`` (patient_id, center, label, pred_label, prob_<class>..., fold:
 the CV fold number or ``external``), ``baseline_predictions.csv`` (same columns),
 ``attention.csv`` (patient_id, lesion_id, attention, fold), ``metrics.json`` (CV and
 external, ``model`` and ``baseline`` side by side, with 95% bootstrap CIs),
 ``roc_cv.png``, ``roc_external.png``, ``confusion_cv.png``, ``confusion_external.png``,
-``model/model.pth`` + ``model/model.json`` (final model), ``model/fold<k>.pth|json``.
+``model/model.pth`` + ``model/model.json`` (final model), ``model/fold<k>.pth|json``
+(ensemble members 1.. as ``model_m<i>`` / ``fold<k>_m<i>``).
 
 Bags come from the detector (``detection/bags.py``). If the index has a
 ``bag_source`` column (e.g. ``out_of_fold`` / ``in_fold``), its counts are
@@ -63,7 +71,13 @@ from mil.dataset import (
     load_patient_bags,
 )
 from mil.metrics import classification_report, plot_confusion, plot_roc
-from mil.model import GatedAttentionMIL, ModelParams, load_checkpoint, save_checkpoint
+from mil.model import (
+    GatedAttentionMIL,
+    MILEnsemble,
+    ModelParams,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +111,9 @@ class MILConfig:
     # Training-time lesion dropout: keep rate drawn from [1 - p, 1] per draw (0 = off);
     # a detector at a new scanner finds fewer lesions than in its own training centres.
     instance_dropout: float = 0.0
+    # Seed ensemble: each fold model and the final model is the mean of this many
+    # members trained alike (member m: seed + 1000 m, its own inner split and epochs).
+    ensemble_size: int = 1
     # inputs
     features: list[str] | None = field(default_factory=lambda: list(FEATURE_NAMES))
     log_features: list[str] = field(default_factory=lambda: ["volume_mm3", "n_slices"])
@@ -119,6 +136,8 @@ class MILConfig:
             raise ValueError(f"early_stopping must be 'loss' or 'auc', got {self.early_stopping!r}")
         if self.class_weights not in ("balanced", "none"):
             raise ValueError(f"class_weights must be 'balanced'/'none', got {self.class_weights!r}")
+        if not isinstance(self.ensemble_size, int) or self.ensemble_size < 1:
+            raise ValueError(f"ensemble_size must be an int >= 1, got {self.ensemble_size!r}")
         if not (isinstance(self.final_epochs, int) or self.final_epochs == "median"):
             raise ValueError(f"final_epochs must be an int or 'median', got {self.final_epochs!r}")
         for name, cls, value in (("model", ModelParams, self.model),
@@ -184,7 +203,7 @@ def _loader(ds: BagDataset, batch_size: int, shuffle: bool, seed: int) -> DataLo
     )
 
 
-def _run(model: GatedAttentionMIL, batch: Mapping[str, torch.Tensor]) -> Any:
+def _run(model: GatedAttentionMIL | MILEnsemble, batch: Mapping[str, torch.Tensor]) -> Any:
     return model(batch["crops"], batch["feats"], batch["mask"], batch["summary"])
 
 
@@ -275,7 +294,7 @@ def _weighted_auc(y: np.ndarray, probs: np.ndarray) -> float:
 
 @torch.no_grad()
 def _predict_loader(
-    model: GatedAttentionMIL, loader: DataLoader
+    model: GatedAttentionMIL | MILEnsemble, loader: DataLoader
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     model.eval()
     probs, att = [], []
@@ -289,7 +308,7 @@ def _predict_loader(
 
 
 def predict(
-    model: GatedAttentionMIL, bags: Sequence[PatientBag], batch_size: int = 16
+    model: GatedAttentionMIL | MILEnsemble, bags: Sequence[PatientBag], batch_size: int = 16
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Class probabilities [n, 3] and per-bag attention vectors (length N each)."""
     if not bags:
@@ -453,6 +472,11 @@ def _inner_split(
     return [bags[i] for i in sorted(tr)], [bags[i] for i in sorted(va)]
 
 
+def _member_seed(base: int, member: int) -> int:
+    """Seed of ensemble member ``member`` (member 0 keeps ``base``: size 1 is unchanged)."""
+    return int(base) + 1000 * int(member)
+
+
 def _split_centres(index: pd.DataFrame, cfg: MILConfig) -> tuple[list[str], list[str]]:
     centres = list(dict.fromkeys(index["center"].tolist()))
     ext = [c for c in cfg.external_centers]
@@ -503,35 +527,57 @@ def train_cv(
     oof = np.zeros((len(dev), len(CLASSES)))
     oof_att: list[np.ndarray] = [np.zeros(0)] * len(dev)
     fold_info = []
+    n_members = cfg.ensemble_size
+    member_epochs: list[list[int]] = [[] for _ in range(n_members)]
     for k in tqdm(fold_ids, desc="CV folds", disable=None):
         test_i = np.flatnonzero(folds == k)
         train_b = [dev[i] for i in np.flatnonzero(folds != k)]
         test_b = [dev[i] for i in test_i]
-        if cfg.val_fraction > 0:
-            fit_b, val_b = _inner_split(train_b, cfg.val_fraction, cfg.seed + k)
-        else:
-            fit_b, val_b = train_b, test_b
-        res = fit_model(fit_b, val_b, cfg, seed=cfg.seed + k, desc=f"fold {k}")
-        probs, att = predict(res.model, test_b)
+        members, runs = [], []
+        for m in range(n_members):
+            seed = _member_seed(cfg.seed + k, m)
+            if cfg.val_fraction > 0:
+                fit_b, val_b = _inner_split(train_b, cfg.val_fraction, seed)
+            else:
+                fit_b, val_b = train_b, test_b
+            desc = f"fold {k}" + (f" member {m}" if n_members > 1 else "")
+            res = fit_model(fit_b, val_b, cfg, seed=seed, desc=desc)
+            members.append(res.model)
+            member_epochs[m].append(res.best_epoch)
+            best = res.history[res.best_epoch - 1] if res.best_epoch else {}
+            runs.append({
+                "seed": seed, "n_train": len(fit_b), "n_val": len(val_b),
+                "best_epoch": int(res.best_epoch), "epochs_run": len(res.history),
+                "val_loss": best.get("val_loss"), "val_auc": best.get("val_auc"),
+            })
+        model = members[0] if n_members == 1 else MILEnsemble(members)
+        probs, att = predict(model, test_b)
         oof[test_i] = probs
         for i, a in zip(test_i, att, strict=True):
             oof_att[i] = a
-        save_checkpoint(res.model, out / "model", {"fold": k, "best_epoch": res.best_epoch},
-                        name=f"fold{k}")
-        best = res.history[res.best_epoch - 1] if res.best_epoch else {}
+        save_checkpoint(model, out / "model",
+                        {"fold": k, "best_epoch": runs[0]["best_epoch"]}, name=f"fold{k}")
         fold_info.append({
-            "fold": int(k), "n_train": len(fit_b), "n_val": len(val_b), "n_test": len(test_b),
-            "best_epoch": int(res.best_epoch), "epochs_run": len(res.history),
-            "val_loss": best.get("val_loss"), "val_auc": best.get("val_auc"),
+            "fold": int(k), "n_test": len(test_b),
+            **{key: runs[0][key] for key in ("n_train", "n_val", "best_epoch", "epochs_run",
+                                             "val_loss", "val_auc")},
+            **({"members": runs} if n_members > 1 else {}),
         })
     if cfg.final_epochs == "median":
-        final_epochs = max(int(round(float(np.median([f["best_epoch"] for f in fold_info])))),
-                           cfg.min_epochs)
+        final_list = [max(int(round(float(np.median(e)))), cfg.min_epochs)
+                      for e in member_epochs]
     else:
-        final_epochs = int(cfg.final_epochs)
-    final = fit_model(dev, None, cfg, epochs=final_epochs, seed=cfg.seed, desc="final")
-    save_checkpoint(final.model, out / "model", {
-        "final_epochs": final_epochs, "dev_centers": dev_c, "external_centers": ext_c,
+        final_list = [int(cfg.final_epochs)] * n_members
+    finals = [
+        fit_model(dev, None, cfg, epochs=final_list[m], seed=_member_seed(cfg.seed, m),
+                  desc="final" + (f" member {m}" if n_members > 1 else "")).model
+        for m in range(n_members)
+    ]
+    final_model = finals[0] if n_members == 1 else MILEnsemble(finals)
+    final_epochs = final_list[0]
+    save_checkpoint(final_model, out / "model", {
+        "final_epochs": final_epochs, "member_final_epochs": final_list,
+        "dev_centers": dev_c, "external_centers": ext_c,
         "config": dataclasses.asdict(cfg),
     })
 
@@ -548,6 +594,8 @@ def train_cv(
             "early_stopping": (f"inner split ({cfg.val_fraction:.0%} of training patients)"
                                if cfg.val_fraction > 0 else "held-out fold (optimistic)"),
             "final_epochs": final_epochs,
+            "ensemble_size": n_members,
+            "member_final_epochs": final_list,
             "cv_predictions": "out-of-fold (pooled over folds)",
         },
         "bags": _bag_provenance(index, index_csv),
@@ -562,7 +610,7 @@ def train_cv(
     }
     figures = _figures(out, "cv", dev, oof, base_dev)
     if ext:
-        probs, att = predict(final.model, ext)
+        probs, att = predict(final_model, ext)
         base_ext = _baseline(ext, rule)
         pred_frames.append(prediction_frame(ext, probs, "external"))
         att_frames.append(attention_frame(ext, att, "external"))

@@ -17,7 +17,13 @@ from mil.dataset import (
     fit_normalisation,
     fit_spec,
 )
-from mil.model import GatedAttentionMIL, ModelParams, load_checkpoint, save_checkpoint
+from mil.model import (
+    GatedAttentionMIL,
+    MILEnsemble,
+    ModelParams,
+    load_checkpoint,
+    save_checkpoint,
+)
 from mil.synthetic_bags import make_bag
 
 SMALL = ModelParams(embed_dim=8, attention_dim=4, crop_embed_dim=4, feature_hidden=8,
@@ -133,6 +139,57 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     b, _ = _forward(m2, bags)
     torch.testing.assert_close(a.logits, b.logits)
     torch.testing.assert_close(m2.feat_std, m.feat_std)
+
+
+def _seeded(bags: list[PatientBag], seed: int) -> GatedAttentionMIL:
+    spec = fit_spec(bags)
+    torch.manual_seed(seed)
+    m = GatedAttentionMIL(spec, SMALL)
+    m.set_normalisation(fit_normalisation(bags, spec))
+    return m.eval()
+
+
+def test_ensemble_averages_member_probabilities_and_attention(tmp_path: Path) -> None:
+    bags = _bags() + [_empty()]
+    members = [_seeded(bags, s) for s in (0, 1, 2)]
+    ens = MILEnsemble(members).eval()
+    out, batch = _forward(ens, bags)
+    one = [_forward(m, bags)[0] for m in members]
+    mean_p = torch.stack([torch.softmax(o.logits, 1) for o in one]).mean(0)
+    # Members differ (else the test proves nothing), the ensemble is their mean.
+    assert not torch.allclose(torch.softmax(one[0].logits, 1), torch.softmax(one[1].logits, 1))
+    torch.testing.assert_close(torch.softmax(out.logits, 1), mean_p)
+    torch.testing.assert_close(out.attention, torch.stack([o.attention for o in one]).mean(0))
+    sums = out.attention.sum(1)
+    nonempty = batch["mask"].any(1)
+    torch.testing.assert_close(sums[nonempty], torch.ones(int(nonempty.sum())))
+    assert float(sums[~nonempty].abs().sum()) == 0.0
+
+    # Saved as one checkpoint per member, loaded back as the same ensemble.
+    save_checkpoint(ens, tmp_path, {"note": "ens"})
+    assert {p.name for p in tmp_path.glob("*.pth")} == {"model.pth", "model_m1.pth",
+                                                         "model_m2.pth"}
+    back, info = load_checkpoint(tmp_path)
+    assert isinstance(back, MILEnsemble) and len(back.members) == 3
+    assert info["meta"] == {"note": "ens", "ensemble": ["model", "model_m1", "model_m2"]}
+    torch.testing.assert_close(_forward(back, bags)[0].logits, out.logits)
+
+    # A single model saved over it is single again (no stale member list).
+    save_checkpoint(members[1], tmp_path, {"note": "one"})
+    single, info = load_checkpoint(tmp_path)
+    assert isinstance(single, GatedAttentionMIL) and info["meta"] == {"note": "one"}
+
+
+def test_ensemble_errors(tmp_path: Path) -> None:
+    bags = _bags()
+    with pytest.raises(ValueError, match="at least one"):
+        MILEnsemble([])
+    with pytest.raises(ValueError, match="member 1 has a different feature spec"):
+        MILEnsemble([_seeded(bags, 0), _model(bags, use_crops=False)])
+    save_checkpoint(MILEnsemble([_seeded(bags, 0), _seeded(bags, 1)]), tmp_path)
+    (tmp_path / "model_m1.pth").unlink()
+    with pytest.raises(FileNotFoundError, match="model_m1.pth"):
+        load_checkpoint(tmp_path / "model.pth")
 
 
 def test_instance_dropout_recomputes_summary_on_kept_lesions() -> None:

@@ -13,7 +13,7 @@ import torch
 from mil import CLASSES
 from mil.bagio import Bag, read_index
 from mil.dataset import PatientBag, load_patient_bags
-from mil.model import load_checkpoint
+from mil.model import MILEnsemble, load_checkpoint
 from mil.synthetic_bags import write_synthetic_bags
 from mil.train import (
     PREDICTION_COLUMNS,
@@ -190,6 +190,38 @@ def test_train_cv_outputs(tmp_path: Path, synthetic_index: Path) -> None:
         saved["external"]["model"]["accuracy"])
     probs_direct, _ = predict(model, load_patient_bags(index, ["C"]))
     np.testing.assert_allclose(probs_direct, ext[list(PREDICTION_COLUMNS[4:7])], atol=1e-6)
+
+
+def test_train_cv_seed_ensemble(tmp_path: Path, synthetic_index: Path) -> None:
+    cfg = load_config(QUICK, {"external_centers": ["C"], "ensemble_size": 2, "n_bootstrap": 50})
+    out = tmp_path / "ens"
+    metrics = train_cv(synthetic_index, out, cfg)
+    assert metrics["protocol"]["ensemble_size"] == 2
+    assert len(metrics["protocol"]["member_final_epochs"]) == 2
+    for fold in metrics["folds"]:
+        seeds = [m["seed"] for m in fold["members"]]
+        assert seeds == [fold["fold"], fold["fold"] + 1000]
+    for name in ("model", "model_m1", "fold0", "fold0_m1", "fold2_m1"):
+        assert (out / "model" / f"{name}.pth").is_file(), name
+    model, info = load_checkpoint(out / "model")
+    assert isinstance(model, MILEnsemble) and len(model.members) == 2
+    assert info["meta"]["member_final_epochs"] == metrics["protocol"]["member_final_epochs"]
+    # External probabilities are the mean of the two members' probabilities.
+    pred = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    ext = pred[pred["fold"] == "external"][list(PREDICTION_COLUMNS[4:7])].to_numpy()
+    bags = load_patient_bags(read_index(synthetic_index), ["C"])
+    member_p = [predict(m, bags)[0] for m in model.members]
+    assert not np.allclose(member_p[0], member_p[1], atol=1e-4)
+    np.testing.assert_allclose(ext, (member_p[0] + member_p[1]) / 2, atol=1e-5)
+    # The CV fold models are ensembles too: fold 0's saved pair reproduces its rows.
+    fold0, _ = load_checkpoint(out / "model" / "fold0.pth")
+    assert isinstance(fold0, MILEnsemble)
+    dev = pred[pred["fold"] == "0"]
+    dev_bags = {pb.patient_id: pb for pb in load_patient_bags(read_index(synthetic_index))}
+    p0, _ = predict(fold0, [dev_bags[i] for i in dev["patient_id"]])
+    np.testing.assert_allclose(p0, dev[list(PREDICTION_COLUMNS[4:7])].to_numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="ensemble_size"):
+        load_config(QUICK, {"ensemble_size": 0})
 
 
 def test_train_cv_rejects_bad_setup(tmp_path: Path, synthetic_index: Path) -> None:
