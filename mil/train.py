@@ -44,9 +44,11 @@ import dataclasses
 import json
 import logging
 import math
+import multiprocessing
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,7 @@ from mil.bagio import read_index
 from mil.baseline import BaselineRule, predict_baseline
 from mil.dataset import (
     BagDataset,
+    FeatureSpec,
     PatientBag,
     collate_bags,
     fit_normalisation,
@@ -128,6 +131,9 @@ class MILConfig:
     n_bootstrap: int = 1000
     baseline: dict[str, Any] = field(default_factory=dict)  # BaselineRule fields
     num_threads: int | None = None
+    # Processes training the fold / member models side by side (1: in this process).
+    # Each job is seeded on its own, so the models do not depend on this number.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if self.folds not in ("stratified", "index"):
@@ -136,6 +142,8 @@ class MILConfig:
             raise ValueError(f"early_stopping must be 'loss' or 'auc', got {self.early_stopping!r}")
         if self.class_weights not in ("balanced", "none"):
             raise ValueError(f"class_weights must be 'balanced'/'none', got {self.class_weights!r}")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {self.workers!r}")
         if not isinstance(self.ensemble_size, int) or self.ensemble_size < 1:
             raise ValueError(f"ensemble_size must be an int >= 1, got {self.ensemble_size!r}")
         if not (isinstance(self.final_epochs, int) or self.final_epochs == "median"):
@@ -214,6 +222,7 @@ def fit_model(
     epochs: int | None = None,
     seed: int | None = None,
     desc: str = "train",
+    progress: bool = True,
 ) -> FitResult:
     """Train one model on ``train`` (labels required).
 
@@ -244,7 +253,7 @@ def fit_model(
     best_state = None
     bad = 0
     history: list[dict[str, float]] = []
-    bar = tqdm(range(1, n_epochs + 1), desc=desc, leave=False, disable=None)
+    bar = tqdm(range(1, n_epochs + 1), desc=desc, leave=False, disable=None if progress else True)
     for epoch in bar:
         model.train()
         total, count = 0.0, 0
@@ -279,6 +288,52 @@ def fit_model(
     logger.info("%s: best epoch %d of %d", desc, best_epoch, len(history))
     model.eval()
     return FitResult(model, best_epoch, history)
+
+
+@dataclass
+class _FitJob:
+    """One model to train: a CV fold's member (fold >= 0) or a final member (fold -1)."""
+
+    fold: int
+    member: int
+    train: list[PatientBag]
+    val: list[PatientBag] | None
+    epochs: int | None
+    seed: int
+    desc: str
+
+
+def _fit_in_worker(job: _FitJob, cfg: MILConfig) -> tuple[int, int, dict, dict, int, list]:
+    """Worker side of :func:`_run_fits`: plain arrays back, no live tensors."""
+    torch.set_num_threads(cfg.num_threads or 1)
+    res = fit_model(job.train, job.val, cfg, epochs=job.epochs, seed=job.seed,
+                    desc=job.desc, progress=False)
+    state = {k: v.detach().cpu().numpy() for k, v in res.model.state_dict().items()}
+    return job.fold, job.member, res.model.spec.to_dict(), state, res.best_epoch, res.history
+
+
+def _run_fits(
+    jobs: Sequence[_FitJob], cfg: MILConfig, desc: str
+) -> dict[tuple[int, int], FitResult]:
+    """Train every job, in ``cfg.workers`` spawned processes when more than one."""
+    if cfg.workers <= 1 or len(jobs) <= 1:
+        return {(j.fold, j.member): fit_model(j.train, j.val, cfg, epochs=j.epochs, seed=j.seed,
+                                              desc=j.desc)
+                for j in tqdm(jobs, desc=desc, disable=None)}
+    by_key = {(j.fold, j.member): j for j in jobs}
+    out: dict[tuple[int, int], FitResult] = {}
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(cfg.workers, len(jobs)), mp_context=ctx) as ex:
+        futures = [ex.submit(_fit_in_worker, j, cfg) for j in jobs]
+        for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, disable=None):
+            fold, member, spec, state, best, history = fut.result()
+            model = GatedAttentionMIL(FeatureSpec.from_dict(spec), ModelParams(**cfg.model))
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+            model.eval()
+            out[(fold, member)] = FitResult(model, best, history)
+            logger.info("%s: best epoch %d of %d", by_key[(fold, member)].desc, best,
+                        len(history))
+    return out
 
 
 def _log_loss(y: np.ndarray, probs: np.ndarray) -> float:
@@ -528,25 +583,30 @@ def train_cv(
     oof_att: list[np.ndarray] = [np.zeros(0)] * len(dev)
     fold_info = []
     n_members = cfg.ensemble_size
-    member_epochs: list[list[int]] = [[] for _ in range(n_members)]
-    for k in tqdm(fold_ids, desc="CV folds", disable=None):
-        test_i = np.flatnonzero(folds == k)
+    jobs = []
+    for k in fold_ids:
         train_b = [dev[i] for i in np.flatnonzero(folds != k)]
-        test_b = [dev[i] for i in test_i]
-        members, runs = [], []
         for m in range(n_members):
             seed = _member_seed(cfg.seed + k, m)
             if cfg.val_fraction > 0:
                 fit_b, val_b = _inner_split(train_b, cfg.val_fraction, seed)
             else:
-                fit_b, val_b = train_b, test_b
+                fit_b, val_b = train_b, [dev[i] for i in np.flatnonzero(folds == k)]
             desc = f"fold {k}" + (f" member {m}" if n_members > 1 else "")
-            res = fit_model(fit_b, val_b, cfg, seed=seed, desc=desc)
+            jobs.append(_FitJob(int(k), m, fit_b, val_b, None, seed, desc))
+    fits = _run_fits(jobs, cfg, "CV models")
+    member_epochs: list[list[int]] = [[] for _ in range(n_members)]
+    for k in fold_ids:
+        test_i = np.flatnonzero(folds == k)
+        test_b = [dev[i] for i in test_i]
+        members, runs = [], []
+        for m in range(n_members):
+            job, res = next(j for j in jobs if (j.fold, j.member) == (k, m)), fits[(k, m)]
             members.append(res.model)
             member_epochs[m].append(res.best_epoch)
             best = res.history[res.best_epoch - 1] if res.best_epoch else {}
             runs.append({
-                "seed": seed, "n_train": len(fit_b), "n_val": len(val_b),
+                "seed": job.seed, "n_train": len(job.train), "n_val": len(job.val or []),
                 "best_epoch": int(res.best_epoch), "epochs_run": len(res.history),
                 "val_loss": best.get("val_loss"), "val_auc": best.get("val_auc"),
             })
@@ -568,11 +628,13 @@ def train_cv(
                       for e in member_epochs]
     else:
         final_list = [int(cfg.final_epochs)] * n_members
-    finals = [
-        fit_model(dev, None, cfg, epochs=final_list[m], seed=_member_seed(cfg.seed, m),
-                  desc="final" + (f" member {m}" if n_members > 1 else "")).model
+    final_jobs = [
+        _FitJob(-1, m, list(dev), None, final_list[m], _member_seed(cfg.seed, m),
+                "final" + (f" member {m}" if n_members > 1 else ""))
         for m in range(n_members)
     ]
+    final_fits = _run_fits(final_jobs, cfg, "final models")
+    finals = [final_fits[(-1, m)].model for m in range(n_members)]
     final_model = finals[0] if n_members == 1 else MILEnsemble(finals)
     final_epochs = final_list[0]
     save_checkpoint(final_model, out / "model", {

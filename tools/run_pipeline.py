@@ -481,10 +481,17 @@ class Demo:
             raise StageFailed(f"MIL config not found: {self.mil_config}")
         over: dict[str, Any] = {"external_centers": self.external, "seed": self.args.seed}
         over.update(parse_overrides(self.args.mil_opt))
-        if load_config(self.mil_config, over).num_threads is None:
+        base = load_config(self.mil_config, over)
+        if base.num_threads is None:
             # One thread unless asked otherwise: measured 5x faster than torch's default
             # next to other processes (the MIL network is small).
             over["num_threads"] = 1
+        import yaml
+
+        if "workers" not in over and "workers" not in (
+                yaml.safe_load(self.mil_config.read_text()) or {}):
+            # The fold / member models train side by side in --workers processes.
+            over["workers"] = max(1, int(self.args.workers))
         return load_config(self.mil_config, over)
 
     # ------------------------------------------------------------------ 1 cohort
@@ -736,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0,
                     help="cohort, folds, detector and MIL seed (default %(default)s)")
     ap.add_argument("--workers", type=int, default=2,
-                    help="processes for cohort, export, predict (one thread each) and bags "
+                    help="processes for cohort, export, predict, bags and the MIL models "
+                         "(one thread each) "
                          "(default %(default)s)")
     ap.add_argument("--config-file", default=DEFAULT_CONFIG,
                     help="Detectron2 config (default %(default)s)")

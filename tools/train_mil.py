@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, default=None)
     p.add_argument("--n-bootstrap", type=int, default=None)
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes training the fold / ensemble-member models side by side")
     p.add_argument("--synthetic-patients", type=int, default=80,
                    help="patients per centre for --synthetic-demo")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(args.opts)
     for key, val in (("seed", args.seed), ("n_folds", args.n_folds),
                      ("max_epochs", args.max_epochs), ("n_bootstrap", args.n_bootstrap),
-                     ("num_threads", args.num_threads),
+                     ("num_threads", args.num_threads), ("workers", args.workers),
                      ("external_centers", args.external_center),
                      ("dev_centers", args.dev_center)):
         if val is not None:

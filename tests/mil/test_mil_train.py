@@ -223,6 +223,15 @@ def test_train_cv_seed_ensemble(tmp_path: Path, synthetic_index: Path) -> None:
     with pytest.raises(ValueError, match="ensemble_size"):
         load_config(QUICK, {"ensemble_size": 0})
 
+    # Two worker processes train the same models (each job seeds itself).
+    par = tmp_path / "ens_par"
+    train_cv(synthetic_index, par, load_config(QUICK, {
+        "external_centers": ["C"], "ensemble_size": 2, "n_bootstrap": 50, "workers": 2}))
+    pred_par = pd.read_csv(par / "predictions.csv", keep_default_na=False)
+    pd.testing.assert_frame_equal(pred_par, pred, atol=1e-5)
+    with pytest.raises(ValueError, match="workers"):
+        load_config(QUICK, {"workers": 0})
+
 
 def test_train_cv_rejects_bad_setup(tmp_path: Path, synthetic_index: Path) -> None:
     with pytest.raises(ValueError, match="external centre"):

@@ -176,6 +176,20 @@ def test_cli_rejects_inconsistent_flags(capsys):
     assert "--weights" in capsys.readouterr().err
 
 
+def test_mil_config_takes_workers_from_the_run(tmp_path):
+    args = rp.build_parser().parse_args(["--output", str(tmp_path), "--workers", "3"])
+    cfg = rp.Demo(args).mil_cfg()
+    assert cfg.workers == 3 and cfg.num_threads == 1 and cfg.ensemble_size == 3
+    args = rp.build_parser().parse_args(["--output", str(tmp_path), "--workers", "3",
+                                         "--mil-opt", "workers=1"])
+    assert rp.Demo(args).mil_cfg().workers == 1
+    own = tmp_path / "mil.yaml"
+    own.write_text("workers: 2\nensemble_size: 1\n")
+    args = rp.build_parser().parse_args(["--output", str(tmp_path), "--workers", "4",
+                                         "--mil-config", str(own)])
+    assert rp.Demo(args).mil_cfg().workers == 2
+
+
 @pytest.mark.slow
 def test_tiny_pipeline_end_to_end(tmp_path):
     """3 patients per class, 2 training iterations (instant config), a short MIL; then a
@@ -265,7 +279,7 @@ def tiny_run(tmp_path_factory):
 
     from mil.bagio import read_index
     from mil.dataset import load_patient_bags
-    from mil.model import save_checkpoint
+    from mil.model import MILEnsemble, save_checkpoint
     from mil.synthetic_bags import write_synthetic_bags
     from mil.train import fit_model, load_config
 
@@ -279,8 +293,11 @@ def tiny_run(tmp_path_factory):
     index = write_synthetic_bags(root / "synth", {"A": 9}, centers=("A",), seed=0,
                                  crop_size=16)
     mcfg = load_config(REPO / "configs/mil/quick_test.yaml", {"max_epochs": 1})
-    res = fit_model(load_patient_bags(read_index(index)), None, mcfg, epochs=1)
-    save_checkpoint(res.model, root / "mil" / "model", {"config": dataclasses.asdict(mcfg)})
+    bags = load_patient_bags(read_index(index))
+    # A two-member seed ensemble, as configs/mil/gated_attention.yaml trains.
+    members = [fit_model(bags, None, mcfg, epochs=1, seed=s).model for s in (0, 1)]
+    save_checkpoint(MILEnsemble(members), root / "mil" / "model",
+                    {"config": dataclasses.asdict(mcfg)})
     return root
 
 
@@ -341,6 +358,17 @@ def test_predict_patient_writes_every_output(tiny_run, phantom, tmp_path, monkey
     res = json.loads((p / "csvd.json").read_text())
     assert sum(res["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert res["predicted_class"] in ("aSVD", "CAA", "CADASIL")
+    # The run's MIL is a two-member ensemble: the call is the members' mean probability.
+    from mil import CLASSES
+    from mil.bagio import load_bag
+    from mil.dataset import PatientBag
+    from mil.model import load_checkpoint
+    from mil.train import predict
+
+    ens, _ = load_checkpoint(tiny_run / "mil" / "model")
+    pb = PatientBag("P1", "new", -1, 70.0, load_bag(p / "bag.npz"))
+    mean_p = np.mean([predict(m, [pb])[0][0] for m in ens.members], axis=0)
+    assert [res["probabilities"][c] for c in CLASSES] == pytest.approx(mean_p, abs=1e-5)
     assert res["rule_based_baseline"]["reason"]
     assert len(res["top_lesions"]) == 1
     top = res["top_lesions"][0]
