@@ -470,8 +470,12 @@ class Demo:
         return p
 
     def mil_params(self) -> dict[str, Any]:
-        """The resolved MIL config."""
-        return dataclasses.asdict(self.mil_cfg())
+        """The resolved MIL config, less the keys that do not change its results (threads,
+        worker processes: every model seeds itself), so ``--workers`` alone re-runs nothing."""
+        params = dataclasses.asdict(self.mil_cfg())
+        for key in ("num_threads", "workers"):
+            params.pop(key, None)
+        return params
 
     def mil_cfg(self):
         """MIL config: ``--mil-config`` + the run's external centre and seed + ``--mil-opt``."""

@@ -183,6 +183,10 @@ def test_mil_config_takes_workers_from_the_run(tmp_path):
     args = rp.build_parser().parse_args(["--output", str(tmp_path), "--workers", "3",
                                          "--mil-opt", "workers=1"])
     assert rp.Demo(args).mil_cfg().workers == 1
+    # Processes and threads do not change the models: they are not stage parameters.
+    params = rp.Demo(args).mil_params()
+    assert "workers" not in params and "num_threads" not in params
+    assert params["ensemble_size"] == 3
     own = tmp_path / "mil.yaml"
     own.write_text("workers: 2\nensemble_size: 1\n")
     args = rp.build_parser().parse_args(["--output", str(tmp_path), "--workers", "4",
