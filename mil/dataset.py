@@ -10,8 +10,9 @@ Bag-level summary features (cheap, computed from the whole bag before any
 instance subsampling): ``log_n`` = log1p(number of instances); when the three
 MARS region one-hot columns are present, per-region log1p(count) and fraction of
 instances, and ``strictly_lobar`` (>= 2 lobar, no deep/infratentorial); when
-``score`` is present, ``mean_score``; when the index has an ``age`` column,
-``age`` and ``age_missing`` (missing age is imputed with the training mean).
+``score`` is one of the selected instance features, ``mean_score``; when the index
+has an ``age`` column, ``age`` and ``age_missing`` (missing age is imputed with the
+training mean).
 
 Empty bags (N = 0) are kept: they carry a fully masked instance set and are
 pooled by the model into a learned "empty bag" embedding (see :mod:`mil.model`).
@@ -129,7 +130,10 @@ def fit_spec(
         use_crops = False
     summary: list[str] = []
     if use_summary:
-        summary = summary_feature_names(names_available=common)
+        # The mean detector score joins the summary only when the score is an instance
+        # feature: a config that leaves the score out (it moves with the scanner) must
+        # not let it back in through the summary.
+        summary = summary_feature_names(names_available=common, score="score" in names)
         if use_age and any(not math.isnan(pb.age) for pb in bags):
             summary += ["age", "age_missing"]
     if not names and not use_crops and not summary:
@@ -144,15 +148,16 @@ def fit_spec(
     )
 
 
-def summary_feature_names(names_available: Sequence[str]) -> list[str]:
-    """Summary feature names computable from bags with ``names_available`` columns."""
+def summary_feature_names(names_available: Sequence[str], score: bool = True) -> list[str]:
+    """Summary feature names computable from bags with ``names_available`` columns
+    (``mean_score`` only with ``score``)."""
     out = ["log_n"]
     if all(c in names_available for c in REGION_COLUMNS):
         for c in REGION_COLUMNS:
             r = c.removeprefix("region_")
             out += [f"log_n_{r}", f"frac_{r}"]
         out.append("strictly_lobar")
-    if "score" in names_available:
+    if score and "score" in names_available:
         out.append("mean_score")
     return out
 

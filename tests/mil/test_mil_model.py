@@ -220,3 +220,16 @@ def test_instance_dropout_recomputes_summary_on_kept_lesions() -> None:
                                for it in empties)
     with pytest.raises(ValueError, match="instance_dropout"):
         BagDataset(bags, spec, instance_dropout=1.0)
+
+
+def test_mean_score_summary_follows_the_score_feature() -> None:
+    bags = _bags()
+    assert all(pb.bag.has_feature("score") for pb in bags)
+    with_score = fit_spec(bags, features=["score", "volume_mm3"])
+    assert with_score.feature_names == ["score", "volume_mm3"]
+    assert "mean_score" in with_score.summary_names
+    # A config that leaves the score out must not get it back through the summary.
+    without = fit_spec(bags, features=["volume_mm3"])
+    assert "score" not in without.feature_names
+    assert "mean_score" not in without.summary_names
+    assert "log_n" in without.summary_names and "age" in without.summary_names
