@@ -595,13 +595,14 @@ def train_cv(
             desc = f"fold {k}" + (f" member {m}" if n_members > 1 else "")
             jobs.append(_FitJob(int(k), m, fit_b, val_b, None, seed, desc))
     fits = _run_fits(jobs, cfg, "CV models")
+    job_of = {(j.fold, j.member): j for j in jobs}
     member_epochs: list[list[int]] = [[] for _ in range(n_members)]
     for k in fold_ids:
         test_i = np.flatnonzero(folds == k)
         test_b = [dev[i] for i in test_i]
         members, runs = [], []
         for m in range(n_members):
-            job, res = next(j for j in jobs if (j.fold, j.member) == (k, m)), fits[(k, m)]
+            job, res = job_of[(k, m)], fits[(k, m)]
             members.append(res.model)
             member_epochs[m].append(res.best_epoch)
             best = res.history[res.best_epoch - 1] if res.best_epoch else {}
