@@ -53,6 +53,12 @@ def add_cmb_config(cfg: CN) -> None:
     # probability LESION_FADE_PROB per lesion. Its mask is kept: faint bleeds are bleeds.
     _C.CMB.AUG.LESION_FADE = 0.0
     _C.CMB.AUG.LESION_FADE_PROB = 0.5
+    # Blooming differs between scanners (it grows with field strength and echo time): each
+    # lesion is, with probability LESION_SCALE_PROB, resized about its centre by a factor
+    # drawn from LESION_SCALE (its mask too), the anatomy around it unchanged.
+    # (1.0, 1.0) = off.
+    _C.CMB.AUG.LESION_SCALE = (1.0, 1.0)
+    _C.CMB.AUG.LESION_SCALE_PROB = 0.5
     _C.CMB.AUG.CROP_KEEP_LESION_PROB = 0.8  # share of crops placed to contain a lesion
 
     # Light ResNet-FPN backbone (detection/backbone.py, MODEL.BACKBONE.NAME

@@ -53,6 +53,7 @@ __all__ = [
     "build_cmb_augmentations",
     "fade_lesions",
     "positive_repeat_factors",
+    "scale_lesions",
     "setup_cfg",
 ]
 
@@ -231,6 +232,84 @@ def fade_lesions(
     return _as_dtype_of(out, image, rounded=True)
 
 
+def scale_lesions(
+    image: np.ndarray,
+    masks: np.ndarray,
+    factors: Sequence[float],
+    margin_px: int = 3,
+    ring_px: int = 4,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resize each lesion's dark blob about its centre, leaving the anatomy in place.
+
+    Blooming (the signal void around a bleed) grows with field strength and echo time,
+    so the same bleed looks narrower on a 1.5 T scanner than on the 3 T development
+    scanners. A whole-slice rescale cannot teach that, because it shrinks the anatomy
+    with the lesion. Here each lesion's signal deficit - how far the pixels near its
+    mask lie below the per-channel median of a ring ``ring_px`` wide around them - is
+    removed and added back scaled by its factor about the mask's centroid (all 2.5D
+    channels alike); erased pixels keep the ring's noise level. "Near" is within
+    ``margin_px`` plus the mask's equivalent radius of the mask, since the blooming
+    halo reaches about one mask radius beyond it. The mask is scaled the same way
+    (nearest neighbour, at least its centre pixel kept).
+
+    ``image`` is ``H x W x C`` (uint8 or float), ``masks`` ``N x H x W`` bool and
+    ``factors`` one scale per mask (1 = unchanged). Returns the new image (same dtype)
+    and the new masks.
+    """
+    if len(masks) != len(factors):
+        raise ValueError(f"{len(masks)} masks but {len(factors)} scale factors")
+    if any(not np.isfinite(f) or f <= 0 for f in factors):
+        raise ValueError(f"scale factors must be positive, got {list(factors)}")
+    out = image.astype(np.float32)
+    if out.ndim == 2:
+        out = out[..., None]
+    new_masks = np.array(masks, dtype=bool, copy=True)
+    h, w = out.shape[:2]
+    for i, (mask, f) in enumerate(zip(masks, factors)):
+        if f == 1.0 or not mask.any():
+            continue
+        m8 = mask.astype(np.uint8)
+        near_r = margin_px + int(np.ceil(np.sqrt(m8.sum() / np.pi)))
+        near_k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * near_r + 1,) * 2)
+        ring_r = near_r + ring_px
+        ring_k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring_r + 1,) * 2)
+        near = cv2.dilate(m8, near_k).astype(bool)
+        ring = cv2.dilate(m8, ring_k).astype(bool) & ~near
+        if not ring.any():
+            continue
+        ring_px_values = out[ring]
+        bg = np.median(ring_px_values, axis=0)  # (C,)
+        sigma = 1.4826 * np.median(np.abs(ring_px_values - bg), axis=0)  # robust noise SD
+        soft = np.clip(cv2.GaussianBlur(near.astype(np.float32), (0, 0), sigmaX=1.0), 0, 1)
+        lift = np.maximum(bg[None, None, :] - out, 0.0)
+        deficit = soft[..., None] * lift
+        # Erase: dark pixels come up to the background less the dark half of its noise
+        # (not to a flat grey, which would mark every resized lesion).
+        # The slices were resampled, so their noise is smooth over about a pixel.
+        grain = cv2.GaussianBlur(np.random.standard_normal(out.shape).astype(np.float32),
+                                 (0, 0), sigmaX=0.8)
+        grain = grain.reshape(out.shape) / max(float(grain.std()), 1e-6)
+        dark_noise = np.abs(grain) * sigma
+        erase = soft[..., None] * np.maximum(lift - dark_noise, 0.0)
+        ys, xs = np.nonzero(mask)
+        cy, cx = float(ys.mean()), float(xs.mean())
+        # dst(p) = src(c + (p - c) / f): the forward map is p = f * q + (1 - f) * c.
+        warp = np.array([[f, 0.0, (1.0 - f) * cx], [0.0, f, (1.0 - f) * cy]])
+        moved = cv2.warpAffine(deficit, warp, (w, h), flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        if moved.ndim == 2:
+            moved = moved[..., None]
+        out = out + erase - moved
+        m_new = cv2.warpAffine(m8, warp, (w, h), flags=cv2.INTER_NEAREST,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
+        if not m_new.any():
+            m_new[int(round(cy)), int(round(cx))] = True
+        new_masks[i] = m_new
+    if image.ndim == 2:
+        out = out[..., 0]
+    return _as_dtype_of(out, image, rounded=True), new_masks
+
+
 class RandomScale(T.Augmentation):
     """Isotropic rescale by a factor drawn from ``scale`` (lesion size jitter)."""
 
@@ -318,9 +397,12 @@ class CMBDatasetMapper:
     Differences from Detectron2's ``DatasetMapper``: lesion-aware crops get the boxes,
     masks are always bitmasks (the export writes RLE), and after the geometric
     transforms the boxes are recomputed from the masks (a rotated box would be loose)
-    and instances that left the crop are dropped. With ``lesion_fade`` > 0 each lesion
-    is, with probability ``lesion_fade_prob``, faded towards its surroundings
-    (:func:`fade_lesions`) after the geometric transforms; its mask is kept.
+    and instances that left the crop are dropped. After the geometric transforms, with
+    ``lesion_scale`` other than ``(1, 1)`` each lesion is, with probability
+    ``lesion_scale_prob``, resized about its centre by a factor drawn from that range
+    (:func:`scale_lesions`; its mask and box follow). With ``lesion_fade`` > 0 each
+    lesion is, with probability ``lesion_fade_prob``, faded towards its surroundings
+    (:func:`fade_lesions`); its mask is kept.
     """
 
     @configurable
@@ -332,7 +414,15 @@ class CMBDatasetMapper:
         image_format: str,
         lesion_fade: float = 0.0,
         lesion_fade_prob: float = 0.5,
+        lesion_scale: tuple[float, float] = (1.0, 1.0),
+        lesion_scale_prob: float = 0.5,
     ):
+        lesion_scale = tuple(float(v) for v in lesion_scale)
+        if len(lesion_scale) != 2 or not 0.0 < lesion_scale[0] <= lesion_scale[1]:
+            raise ValueError(f"lesion_scale must be (low, high) with 0 < low <= high, "
+                             f"got {lesion_scale}")
+        if not 0.0 <= lesion_scale_prob <= 1.0:
+            raise ValueError(f"lesion_scale_prob must be in [0, 1], got {lesion_scale_prob}")
         if not 0.0 <= lesion_fade <= 1.0:
             raise ValueError(f"lesion_fade must be in [0, 1], got {lesion_fade}")
         if not 0.0 <= lesion_fade_prob <= 1.0:
@@ -342,11 +432,16 @@ class CMBDatasetMapper:
         self.image_format = image_format
         self.lesion_fade = float(lesion_fade)
         self.lesion_fade_prob = float(lesion_fade_prob)
+        self.lesion_scale = lesion_scale
+        self.lesion_scale_prob = float(lesion_scale_prob)
         mode = "training" if is_train else "inference"
         logger.info("[CMBDatasetMapper] %s augmentations: %s", mode, augmentations)
         if is_train and self.lesion_fade > 0:
             logger.info("[CMBDatasetMapper] lesion fade up to %.2f with probability %.2f",
                         self.lesion_fade, self.lesion_fade_prob)
+        if is_train and self.lesion_scale != (1.0, 1.0):
+            logger.info("[CMBDatasetMapper] lesion scale %s with probability %.2f",
+                        self.lesion_scale, self.lesion_scale_prob)
 
     @classmethod
     def from_config(cls, cfg: CfgNode, is_train: bool = True) -> dict:
@@ -357,6 +452,8 @@ class CMBDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
             "lesion_fade": float(cfg.CMB.AUG.LESION_FADE) if is_train else 0.0,
             "lesion_fade_prob": float(cfg.CMB.AUG.LESION_FADE_PROB),
+            "lesion_scale": tuple(cfg.CMB.AUG.LESION_SCALE) if is_train else (1.0, 1.0),
+            "lesion_scale_prob": float(cfg.CMB.AUG.LESION_SCALE_PROB),
         }
 
     def __call__(self, dataset_dict: dict) -> dict:
@@ -385,6 +482,15 @@ class CMBDatasetMapper:
             instances = instances[keep]
         else:  # an empty slice still carries (empty) masks, like any other
             instances.gt_masks = BitMasks(torch.zeros((0, *shape), dtype=torch.bool))
+        if self.lesion_scale != (1.0, 1.0) and len(instances):
+            chosen = np.random.rand(len(instances)) < self.lesion_scale_prob
+            if chosen.any():
+                factors = np.where(chosen, np.random.uniform(*self.lesion_scale,
+                                                             len(instances)), 1.0)
+                image, masks = scale_lesions(image, instances.gt_masks.tensor.numpy(),
+                                             factors)
+                instances.gt_masks = BitMasks(torch.from_numpy(masks))
+                instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
         if self.lesion_fade > 0 and len(instances):
             chosen = np.random.rand(len(instances)) < self.lesion_fade_prob
             if chosen.any():

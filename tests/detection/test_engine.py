@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
@@ -201,6 +202,91 @@ def test_fade_lesions_lifts_the_lesion_to_its_background() -> None:
     assert np.array_equal(full[~m], img[~m])  # only the dark lesion moves
     with pytest.raises(ValueError, match="masks"):
         fade_lesions(img, np.stack([m, far]), [0.5])
+
+
+def _dark_disc(size: int = 60, radius: float = 5.0, noise: float = 0.0):
+    """A grey slice (3 channels) with one dark disc at the centre and its mask."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:size, :size]
+    r2 = (yy - size // 2) ** 2 + (xx - size // 2) ** 2
+    img = np.full((size, size, 3), 120.0) + rng.normal(0, noise, (size, size, 3))
+    img[r2 <= radius ** 2] = 20
+    return np.clip(img, 0, 255).astype(np.uint8), r2 <= radius ** 2
+
+
+def test_scale_lesions_shrinks_the_dark_blob_and_its_mask() -> None:
+    from detection.engine import scale_lesions
+
+    img, m = _dark_disc(radius=6.0)
+    same, same_m = scale_lesions(img, m[None], [1.0])
+    assert np.array_equal(same, img) and np.array_equal(same_m[0], m)
+    np.random.seed(0)  # noqa: NPY002
+    out, masks = scale_lesions(img, m[None], [0.5])
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    dark = out[..., 1] < 70
+    # Half the radius: about a quarter of the area, for the dark pixels and the mask.
+    assert 0.15 < dark.sum() / m.sum() < 0.4
+    assert 0.15 < masks[0].sum() / m.sum() < 0.4
+    assert np.array_equal(dark, masks[0])  # the mask follows the blob
+    assert masks[0][30, 30] and out[30, 30, 1] == 20  # centred where it was
+    assert out[30, 36, 1] > 100  # the old rim is background again
+    assert np.array_equal(out[:10], img[:10])  # anatomy far away untouched
+    big, big_m = scale_lesions(img, m[None], [1.5])
+    assert big_m[0].sum() > 1.8 * m.sum() and big[30, 37, 1] < 70
+
+
+def test_scale_lesions_keeps_the_background_noise_and_a_tiny_lesion() -> None:
+    from detection.engine import scale_lesions
+
+    img, m = _dark_disc(radius=6.0, noise=8.0)
+    np.random.seed(0)  # noqa: NPY002
+    out, _ = scale_lesions(img, m[None], [0.5])
+    yy, xx = np.mgrid[:60, :60]
+    r = np.sqrt((yy - 30) ** 2 + (xx - 30) ** 2)
+    erased = (r > 5) & (r < 7)  # was lesion, now background
+    far = r > 20
+    # The erased rim has the background's level and noise, not a flat grey.
+    assert abs(out[erased].mean() - out[far].mean()) < 6
+    assert out[erased].astype(float).std() > 0.5 * out[far].astype(float).std()
+    tiny = np.zeros_like(m)
+    tiny[30, 30] = True
+    _, masks = scale_lesions(img, tiny[None], [0.3])
+    assert masks[0].sum() == 1 and masks[0][30, 30]  # never scaled away
+    with pytest.raises(ValueError, match="scale factors"):
+        scale_lesions(img, m[None], [0.5, 0.7])
+    with pytest.raises(ValueError, match="positive"):
+        scale_lesions(img, m[None], [0.0])
+
+
+def test_mapper_lesion_scale_moves_masks_and_boxes(tiny_dataset: str) -> None:
+    flat = ["CMB.AUG.ROTATION", "0.0", "CMB.AUG.BRIGHTNESS", "0.0", "CMB.AUG.HFLIP", "False",
+            "CMB.AUG.CONTRAST", "(1.0, 1.0)", "CMB.AUG.SCALE", "(1.0, 1.0)"]
+    mapper = CMBDatasetMapper(setup_cfg(INSTANT, flat + [
+        "CMB.AUG.LESION_SCALE", "(0.5, 0.5)", "CMB.AUG.LESION_SCALE_PROB", "1.0"]),
+        is_train=True)
+    plain = CMBDatasetMapper(setup_cfg(INSTANT, flat), is_train=True)
+    rec = next(r for r in DatasetCatalog.get(tiny_dataset) if r["annotations"])
+    np.random.seed(3)  # noqa: NPY002  (the same crop for both)
+    out = mapper(rec)
+    np.random.seed(3)  # noqa: NPY002
+    ref = plain(rec)
+    inst, ref_inst = out["instances"], ref["instances"]
+    assert len(inst) == len(ref_inst) == len(rec["annotations"])
+    area = inst.gt_masks.tensor.flatten(1).sum(1)
+    ref_area = ref_inst.gt_masks.tensor.flatten(1).sum(1)
+    assert torch.all(area < 0.5 * ref_area)
+    assert torch.equal(inst.gt_boxes.tensor, inst.gt_masks.get_bounding_boxes().tensor)
+    # The shrunk box sits inside the original one.
+    b, rb = inst.gt_boxes.tensor, ref_inst.gt_boxes.tensor
+    assert torch.all(b[:, :2] >= rb[:, :2]) and torch.all(b[:, 2:] <= rb[:, 2:])
+    dark = (out["image"][1] < 80).sum()
+    assert dark < 0.6 * (ref["image"][1] < 80).sum()
+    with pytest.raises(ValueError, match="lesion_scale"):
+        CMBDatasetMapper(is_train=True, augmentations=[], image_format="RGB",
+                         lesion_scale=(1.2, 0.8))
+    with pytest.raises(ValueError, match="lesion_scale_prob"):
+        CMBDatasetMapper(is_train=True, augmentations=[], image_format="RGB",
+                         lesion_scale_prob=1.5)
 
 
 def test_mapper_lesion_fade_keeps_masks(tiny_dataset: str) -> None:
