@@ -90,3 +90,21 @@ def add_cmb_config(cfg: CN) -> None:
     # scores) to candidates.csv. lesions.csv / cmb_pred.nii.gz stay at SCORE_THRESH; the
     # lesion evaluation sweeps FROC over the candidates. 0 = off.
     _C.CMB.INFER.CANDIDATE_THRESH = 0.0
+    # Test-time magnification: slices are resampled to TARGET_SPACING / ZOOM mm for volume
+    # inference and for COCO evaluation (predictions are mapped back to the slice grid).
+    # A detector learns the apparent size of its training scanners' bleeds; a scanner
+    # whose bleeds bloom less shows them smaller. Choose it per site on a few labelled
+    # patients with tools/calibrate_zoom.py. 1.0 = as trained.
+    _C.CMB.INFER.ZOOM = 1.0
+
+
+def inference_zoom(cfg: CN) -> float:
+    """``cfg.CMB.INFER.ZOOM`` checked: positive, finite, and only with a target spacing
+    (slices on their native grid have no common pixel size to magnify)."""
+    zoom = float(cfg.CMB.INFER.ZOOM)
+    if not (zoom > 0 and zoom < float("inf")):
+        raise ValueError(f"CMB.INFER.ZOOM must be a positive number, got {cfg.CMB.INFER.ZOOM}")
+    if zoom != 1.0 and float(cfg.CMB.TARGET_SPACING) <= 0:
+        raise ValueError("CMB.INFER.ZOOM needs CMB.TARGET_SPACING > 0 (slices on their native "
+                         f"grid cannot be magnified consistently), got ZOOM {zoom}")
+    return zoom

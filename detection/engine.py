@@ -3,9 +3,10 @@
 - :class:`CMBDatasetMapper` (``@configurable``) reads the exported 2.5D PNG slices and
   applies augmentation suited to SWI: left-right flips, small rotations and rescales,
   intensity / contrast jitter, and crops that keep a lesion in view.
-- :class:`Trainer` overrides only ``build_evaluator`` (COCOEvaluator without the C++
+- :class:`Trainer` overrides ``build_evaluator`` (COCOEvaluator without the C++
   fast implementation, which the registry build lacks), ``build_train_loader`` (the
-  mapper above plus oversampling of slices that contain CMBs) and adds a hook that
+  mapper above plus oversampling of slices that contain CMBs), ``build_test_loader``
+  (the same mapper, for the test-time ``CMB.INFER.ZOOM``) and adds a hook that
   keeps the best checkpoint by ``cfg.CMB.BEST_METRIC`` (segm AP50 by default).
 - :func:`setup_cfg` builds the config the way every tool here does.
 """
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from detectron2.config import CfgNode, configurable, get_cfg
 from detectron2.data import (
+    build_detection_test_loader,
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
@@ -35,7 +37,7 @@ from detectron2.structures import BitMasks, BoxMode
 from detectron2.utils import comm
 
 from .compat import fill_empty_extension
-from .config import add_cmb_config
+from .config import add_cmb_config, inference_zoom
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ __all__ = [
     "SliceMix",
     "SliceMixTransform",
     "Trainer",
+    "Zoom",
     "build_cmb_augmentations",
     "fade_lesions",
     "positive_repeat_factors",
@@ -326,6 +329,24 @@ class RandomScale(T.Augmentation):
         return T.ResizeTransform(h, w, nh, nw)
 
 
+class Zoom(T.Augmentation):
+    """Resize by a fixed ``factor`` (test-time magnification, ``CMB.INFER.ZOOM``)."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        if not factor > 0:
+            raise ValueError(f"zoom factor must be positive, got {factor}")
+        self._init(locals())
+
+    def get_transform(self, image: np.ndarray) -> T.Transform:
+        h, w = image.shape[:2]
+        nh = max(1, int(round(h * self.factor)))
+        nw = max(1, int(round(w * self.factor)))
+        if (nh, nw) == (h, w):
+            return T.NoOpTransform()
+        return T.ResizeTransform(h, w, nh, nw)
+
+
 class LesionAwareCrop(T.Augmentation):
     """Square crop of ``crop_size`` px that contains a whole lesion with ``keep_prob``.
 
@@ -366,10 +387,12 @@ class LesionAwareCrop(T.Augmentation):
 
 
 def build_cmb_augmentations(cfg: CfgNode, is_train: bool) -> list[T.Augmentation]:
-    """The augmentation list of ``cfg.CMB.AUG`` (none at test time: slices keep their
-    exported pixel spacing, so no test-time resize)."""
+    """The augmentation list of ``cfg.CMB.AUG``. At test time slices keep their exported
+    pixel spacing, magnified only by ``CMB.INFER.ZOOM`` (the model's outputs are scaled
+    back to the slice by Detectron2's postprocessing)."""
     if not is_train:
-        return []
+        zoom = inference_zoom(cfg)
+        return [] if zoom == 1.0 else [Zoom(zoom)]
     aug = cfg.CMB.AUG
     augs: list[T.Augmentation] = []
     if tuple(aug.SCALE) != (1.0, 1.0):
@@ -542,6 +565,13 @@ class Trainer(DefaultTrainer):
         sampler = RepeatFactorTrainingSampler(factors, seed=seed)
         mapper = CMBDatasetMapper(cfg, is_train=True)
         return build_detection_train_loader(cfg, dataset=dataset, mapper=mapper, sampler=sampler)
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        """Detectron2's test loader with :class:`CMBDatasetMapper`: slices as exported,
+        magnified by ``CMB.INFER.ZOOM`` when it is not 1."""
+        return build_detection_test_loader(cfg, dataset_name,
+                                           mapper=CMBDatasetMapper(cfg, is_train=False))
 
     def build_hooks(self) -> list:
         """Default hooks plus :class:`~detectron2.engine.hooks.BestCheckpointer` after

@@ -44,6 +44,7 @@ from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
+from .config import inference_zoom
 from .data.export_coco import ExportParams, PreparedVolume, prepare_case
 from .data.volume import Volume, load_case
 from .fileio import atomic_output
@@ -254,8 +255,13 @@ class VolumePredictor:
         if self.model.device.type == "cpu":
             # oneDNN convolutions run ~1.5x faster on channels-last tensors on CPU.
             self.model.to(memory_format=torch.channels_last)
+        self.zoom = inference_zoom(cfg)
+        spacing = float(cfg.CMB.TARGET_SPACING)
+        if self.zoom != 1.0:
+            logger.info("test-time zoom %.3g: slices at %.4g mm instead of %.4g mm",
+                        self.zoom, spacing / self.zoom, spacing)
         self.params = ExportParams(
-            context_offset=cfg.CMB.CONTEXT_OFFSET, target_spacing=cfg.CMB.TARGET_SPACING,
+            context_offset=cfg.CMB.CONTEXT_OFFSET, target_spacing=spacing / self.zoom,
             brain_margin_mm=float(cfg.CMB.BRAIN_MARGIN_MM),
             bias_degree=int(cfg.CMB.BIAS_DEGREE),
         )

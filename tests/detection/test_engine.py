@@ -289,6 +289,26 @@ def test_mapper_lesion_scale_moves_masks_and_boxes(tiny_dataset: str) -> None:
                          lesion_scale_prob=1.5)
 
 
+def test_test_mapper_zooms_only_when_asked(tiny_dataset: str) -> None:
+    from detection.engine import Zoom, build_cmb_augmentations
+
+    rec = next(r for r in DatasetCatalog.get(tiny_dataset) if r["annotations"])
+    assert build_cmb_augmentations(setup_cfg(INSTANT), is_train=False) == []
+    plain = CMBDatasetMapper(setup_cfg(INSTANT), is_train=False)(rec)
+    cfg = setup_cfg(INSTANT, ["CMB.INFER.ZOOM", "1.5"])
+    augs = build_cmb_augmentations(cfg, is_train=False)
+    assert len(augs) == 1 and isinstance(augs[0], Zoom)
+    out = CMBDatasetMapper(cfg, is_train=False)(rec)
+    h, w = plain["image"].shape[1:]
+    assert tuple(out["image"].shape[1:]) == (round(1.5 * h), round(1.5 * w))
+    # the record keeps the slice's own size: Detectron2 maps the outputs back to it
+    assert (out["height"], out["width"]) == (rec["height"], rec["width"]) == (h, w)
+    with pytest.raises(ValueError, match="ZOOM"):
+        build_cmb_augmentations(setup_cfg(INSTANT, ["CMB.INFER.ZOOM", "0.0"]), is_train=False)
+    with pytest.raises(ValueError, match="positive"):
+        Zoom(-2.0)
+
+
 def test_mapper_lesion_fade_keeps_masks(tiny_dataset: str) -> None:
     np.random.seed(2)  # noqa: NPY002
     cfg = setup_cfg(INSTANT, ["CMB.AUG.LESION_FADE", "1.0", "CMB.AUG.LESION_FADE_PROB", "1.0",

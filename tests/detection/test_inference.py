@@ -201,3 +201,37 @@ def test_candidates_below_the_operating_threshold(instant_weights, tmp_path) -> 
     out = pred.write(tmp_path / "P1", overlay=False)
     assert (out / "candidates.csv").is_file()
     assert not (plain.write(tmp_path / "P0", overlay=False) / "candidates.csv").exists()
+
+
+def test_zoom_magnifies_the_slices_and_keeps_the_input_grid(instant_weights, tmp_path) -> None:
+    cfg, weights = instant_weights
+    swi = _focus_volume(tmp_path)
+    plain = VolumePredictor(cfg, str(weights))
+    zcfg = cfg.clone()
+    zcfg.defrost()
+    zcfg.CMB.INFER.ZOOM = 2.0
+    zoomed = VolumePredictor(zcfg, str(weights))
+    assert zoomed.params.target_spacing == pytest.approx(cfg.CMB.TARGET_SPACING / 2)
+    seen = []
+    inner = zoomed.model.inference
+
+    def shapes(inputs, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen.extend(tuple(x["image"].shape[1:]) for x in inputs)
+        return inner(inputs, **kw)
+
+    zoomed.model.inference = shapes
+    pred = zoomed(swi, patient_id="P1")
+    # 40 x 48 voxels of 1 mm at TARGET_SPACING 1.0 / zoom 2: 96 rows (y) x 80 columns (x)
+    assert seen and set(seen) == {(96, 80)}
+    assert pred.labels_ras.shape == plain(swi, patient_id="P1").labels_ras.shape
+    out = pred.write(tmp_path / "P1", overlay=False)
+    assert nib.load(out / "cmb_pred.nii.gz").shape == (40, 48, 10)
+    bad = cfg.clone()
+    bad.defrost()
+    bad.CMB.INFER.ZOOM = -1.0
+    with pytest.raises(ValueError, match="ZOOM"):
+        VolumePredictor(bad, str(weights))
+    bad.CMB.INFER.ZOOM = 1.5
+    bad.CMB.TARGET_SPACING = 0.0
+    with pytest.raises(ValueError, match="TARGET_SPACING"):
+        VolumePredictor(bad, str(weights))
