@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Site calibration of the test-time zoom, measured on patients the calibration never saw.
+
+For one centre of a labelled cohort: every ``--calib-every``-th patient (by patient id,
+from the first) is a calibration patient; :func:`detection.calibration.calibrate_zoom`
+picks ``CMB.INFER.ZOOM`` on them; the other patients of the centre are then predicted
+at zoom 1 and at the selected zoom (plus any ``--also-zoom``) and evaluated. Results
+(calibration trials, selection, held-out lesion metrics per zoom, times) go to
+``--json``.
+
+    python benchmarks/bench_zoom.py --config-file configs/CMB-RCNN-Lite-FPN-cpu.yaml \\
+        --weights output/demo/train/model_final.pth --manifest output/demo/cohort/manifest.csv \\
+        --center C --work /tmp/zoom_C --json benchmarks/results/zoom_C.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import detection  # noqa: E402,F401
+from detection.calibration import DEFAULT_ZOOMS, calibrate_zoom  # noqa: E402
+from detection.data.manifest import read_cohort  # noqa: E402
+from detection.engine import setup_cfg  # noqa: E402
+from detection.evaluation.lesions import evaluate_prediction_dir  # noqa: E402
+from detection.fileio import json_ready, write_text_atomic  # noqa: E402
+from detection.inference import VolumePredictor  # noqa: E402
+
+import tqdm  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shown(path: str | Path) -> str:
+    """``path`` relative to the repository when inside it, else its file name only
+    (results are committed: no machine paths)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(REPO))
+    except ValueError:
+        return p.name
+
+
+def summary(metrics: dict) -> dict:
+    """The figures the issues quote, from an evaluation's metrics.json content."""
+    pp, fr = metrics["per_patient"], metrics["froc"]
+    at = dict(zip(fr["fp_rates"], fr["sensitivity"]))
+    return {
+        "recall_mean": pp["recall"]["mean"], "dice_mean": pp["dice"]["mean"],
+        "iou_mean": pp["iou"]["mean"], "fp_per_patient": metrics["pooled"]["fp_per_patient"],
+        "precision_pooled": metrics["pooled"]["precision"],
+        "sensitivity_at_0.5fp": at.get(0.5), "sensitivity_at_1fp": at.get(1.0),
+        "sensitivity_at_2fp": at.get(2.0), "froc_mean": fr["mean_sensitivity"],
+        "n_reference_lesions": fr["n_reference_lesions"], "n_patients": fr["n_patients"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config-file", required=True)
+    ap.add_argument("--weights", required=True)
+    ap.add_argument("--manifest", required=True, help="labelled cohort manifest")
+    ap.add_argument("--center", required=True, help="the site to calibrate")
+    ap.add_argument("--calib-every", type=int, default=5,
+                    help="every k-th patient of the centre calibrates (default %(default)s)")
+    ap.add_argument("--zooms", type=float, nargs="+", default=list(DEFAULT_ZOOMS))
+    ap.add_argument("--also-zoom", type=float, nargs="*", default=[],
+                    help="held-out patients are also predicted at these zooms")
+    ap.add_argument("--fp-rate", type=float, default=1.0)
+    ap.add_argument("--work", required=True, help="folder for the predictions")
+    ap.add_argument("--json", required=True, help="results file")
+    ap.add_argument("opts", nargs=argparse.REMAINDER)
+    args = ap.parse_args(argv)
+    if args.calib_every < 2:
+        ap.error("--calib-every must be >= 2 (some patients must be held out)")
+
+    cfg = setup_cfg(args.config_file, list(args.opts))
+    cohort = read_cohort(args.manifest, require_masks=True)
+    site = cohort[cohort["center"] == args.center].sort_values("patient_id")
+    if site.empty:
+        raise SystemExit(f"{args.manifest}: no patient of centre {args.center!r}")
+    calib = site.iloc[::args.calib_every]
+    held = site.drop(calib.index)
+    work = Path(args.work)
+    t0 = time.perf_counter()
+    sel = calibrate_zoom(cfg, args.weights, calib, work / "calibration", zooms=args.zooms,
+                         fp_rate=args.fp_rate)
+    t_cal = time.perf_counter() - t0
+
+    manifest = work / "heldout_manifest.csv"
+    table = held[["patient_id", "swi", "cmb_mask"]].copy()
+    for col in ("swi", "cmb_mask"):
+        table[col] = [str(Path(p).resolve()) for p in table[col]]
+    write_text_atomic(manifest, table.to_csv(index=False))
+    results = {}
+    zooms = sorted({1.0, float(sel["selected_zoom"]), *map(float, args.also_zoom)})
+    for z in zooms:
+        zcfg = cfg.clone()
+        zcfg.defrost()
+        zcfg.CMB.INFER.ZOOM = z
+        predictor = VolumePredictor(zcfg, args.weights)
+        out = work / f"heldout_zoom_{z:g}"
+        t1 = time.perf_counter()
+        for rec in tqdm.tqdm(list(held.itertuples(index=False)), desc=f"held-out zoom {z:g}"):
+            pred = predictor(rec.swi, getattr(rec, "brain_mask", "") or None,
+                             patient_id=rec.patient_id)
+            pred.write(out / rec.patient_id, overlay=False)
+        seconds = (time.perf_counter() - t1) / len(held)
+        ev = evaluate_prediction_dir(out, manifest, out / "evaluation")
+        results[f"{z:g}"] = {**summary(ev.metrics), "seconds_per_patient": seconds}
+
+    doc = {
+        "what": "test-time zoom chosen on calibration patients of one site, evaluated on "
+                "the site's other patients",
+        "config": shown(args.config_file), "weights": shown(args.weights),
+        "opts": list(args.opts), "center": args.center,
+        "calibration": {"patients": sel["patients"], "rule": sel["rule"],
+                        "fp_rate": sel["fp_rate"], "trials": sel["trials"],
+                        "selected_zoom": sel["selected_zoom"], "seconds": t_cal},
+        "heldout_patients": list(held["patient_id"]),
+        "heldout": results,
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+    }
+    write_text_atomic(args.json, json.dumps(json_ready(doc), indent=2) + "\n")
+    print(json.dumps({k: {m: (round(v, 3) if isinstance(v, float) else v)
+                          for m, v in r.items()} for k, r in results.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
