@@ -35,6 +35,8 @@ __all__ = ["DEFAULT_ZOOMS", "calibrate_zoom", "select_zoom"]
 
 #: Candidate zooms: from slightly shrunk (scanners that bloom more) to 1.45x.
 DEFAULT_ZOOMS = (0.85, 1.0, 1.15, 1.3, 1.45)
+#: Fewer reference lesions than this in the calibration patients draw a warning.
+MIN_RELIABLE_LESIONS = 30
 
 
 def select_zoom(trials: Sequence[Mapping[str, float]]) -> float:
@@ -120,8 +122,14 @@ def calibrate_zoom(
         })
         logger.info("zoom %g: sensitivity %.3f at %g FP/patient, FROC mean %.3f, Dice %.3f",
                     z, at, fp_rate, trials[-1]["froc_mean"], trials[-1]["dice"])
-    if not any(t["n_reference_lesions"] for t in trials):
+    n_ref = max(int(t["n_reference_lesions"]) for t in trials)
+    if n_ref == 0:
         raise ValueError(f"{manifest}: the calibration patients have no reference lesions")
+    if n_ref < MIN_RELIABLE_LESIONS:
+        logger.warning("only %d reference lesions in the calibration patients: sensitivities "
+                       "move in steps of %.2f and zooms may tie; label more patients (>= %d "
+                       "lesions) for a firmer choice", n_ref, 1.0 / n_ref,
+                       MIN_RELIABLE_LESIONS)
     best = select_zoom(trials)
     selection = {
         "fp_rate": float(fp_rate),
@@ -132,6 +140,7 @@ def calibrate_zoom(
         "weights": str(weights),
         "rule": "max sensitivity at fp_rate FP/patient; ties: max mean FROC sensitivity, "
                 "then the zoom closest to 1",
+        "n_reference_lesions": n_ref,
     }
     write_text_atomic(out / "zoom_selection.json",
                       json.dumps(json_ready(selection), indent=2) + "\n")

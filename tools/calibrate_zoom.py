@@ -55,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logger(name="cmb")
     setup_logger(name="detection")
     cfg = setup_cfg(args.config_file, list(args.opts))
-    cohort = read_cohort(args.manifest, require_masks=True)
-    if args.centers:
-        cohort = cohort[cohort["center"].isin(args.centers)]
-        if cohort.empty:
-            raise SystemExit(f"{args.manifest}: no patient of centre(s) {args.centers}")
     try:
+        cohort = read_cohort(args.manifest, require_masks=True)
+        if args.centers:
+            cohort = cohort[cohort["center"].isin(args.centers)]
+            if cohort.empty:
+                raise ValueError(f"{args.manifest}: no patient of centre(s) {args.centers}")
         sel = calibrate_zoom(cfg, args.weights, cohort, args.output, zooms=args.zooms,
                              fp_rate=args.fp_rate)
     except ValueError as exc:

@@ -52,7 +52,7 @@ def _case(root: Path, pid: str) -> dict[str, str]:
             "cmb_mask": str(root / pid / "cmb.nii.gz"), "brain_mask": ""}
 
 
-def test_calibrate_zoom_predicts_each_zoom_and_writes_the_selection(tmp_path) -> None:
+def test_calibrate_zoom_predicts_each_zoom_and_writes_the_selection(tmp_path, caplog) -> None:
     torch.manual_seed(0)
     cfg = setup_cfg(INSTANT, ["CMB.DATA_ROOT", "/nonexistent", "CMB.TARGET_SPACING", "1.0",
                               "CMB.INFER.SCORE_THRESH", "0.0"])
@@ -71,6 +71,8 @@ def test_calibrate_zoom_predicts_each_zoom_and_writes_the_selection(tmp_path) ->
     saved = json.loads((out / "zoom_selection.json").read_text())
     assert saved["selected_zoom"] == sel["selected_zoom"] and saved["patients"] == ["P1", "P2"]
     assert all(t["n_reference_lesions"] == 2 for t in saved["trials"])
+    assert saved["n_reference_lesions"] == 2
+    assert "only 2 reference lesions" in caplog.text  # too few for a firm choice
     assert not list(out.glob(".*"))  # no temporary files left
 
     with pytest.raises(ValueError, match="duplicate"):
