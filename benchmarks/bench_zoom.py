@@ -26,14 +26,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import detection  # noqa: E402,F401
-from detection.calibration import DEFAULT_ZOOMS, calibrate_zoom  # noqa: E402
+from detection.calibration import (  # noqa: E402
+    DEFAULT_ZOOMS,
+    calibrate_zoom,
+    predict_at_zoom,
+    write_eval_manifest,
+)
 from detection.data.manifest import read_cohort  # noqa: E402
 from detection.engine import setup_cfg  # noqa: E402
-from detection.evaluation.lesions import evaluate_prediction_dir  # noqa: E402
 from detection.fileio import json_ready, write_text_atomic  # noqa: E402
-from detection.inference import VolumePredictor  # noqa: E402
-
-import tqdm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,26 +96,12 @@ def main(argv: list[str] | None = None) -> int:
                          fp_rate=args.fp_rate)
     t_cal = time.perf_counter() - t0
 
-    manifest = work / "heldout_manifest.csv"
-    table = held[["patient_id", "swi", "cmb_mask"]].copy()
-    for col in ("swi", "cmb_mask"):
-        table[col] = [str(Path(p).resolve()) for p in table[col]]
-    write_text_atomic(manifest, table.to_csv(index=False))
+    manifest = write_eval_manifest(held, work / "heldout_manifest.csv")
     results = {}
     zooms = sorted({1.0, float(sel["selected_zoom"]), *map(float, args.also_zoom)})
     for z in zooms:
-        zcfg = cfg.clone()
-        zcfg.defrost()
-        zcfg.CMB.INFER.ZOOM = z
-        predictor = VolumePredictor(zcfg, args.weights)
-        out = work / f"heldout_zoom_{z:g}"
-        t1 = time.perf_counter()
-        for rec in tqdm.tqdm(list(held.itertuples(index=False)), desc=f"held-out zoom {z:g}"):
-            pred = predictor(rec.swi, getattr(rec, "brain_mask", "") or None,
-                             patient_id=rec.patient_id)
-            pred.write(out / rec.patient_id, overlay=False)
-        seconds = (time.perf_counter() - t1) / len(held)
-        ev = evaluate_prediction_dir(out, manifest, out / "evaluation")
+        ev, seconds = predict_at_zoom(cfg, args.weights, held, z, work / f"heldout_zoom_{z:g}",
+                                      manifest)
         results[f"{z:g}"] = {**summary(ev.metrics), "seconds_per_patient": seconds}
 
     doc = {

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,13 @@ from typing import Any
 import pandas as pd
 from detectron2.config import CfgNode
 
-from .evaluation.lesions import evaluate_prediction_dir, froc
+from .evaluation.lesions import CohortEval, evaluate_prediction_dir, froc
 from .fileio import json_ready, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_ZOOMS", "calibrate_zoom", "select_zoom"]
+__all__ = ["DEFAULT_ZOOMS", "calibrate_zoom", "predict_at_zoom", "select_zoom",
+           "write_eval_manifest"]
 
 #: Candidate zooms: from slightly shrunk (scanners that bloom more) to 1.45x.
 DEFAULT_ZOOMS = (0.85, 1.0, 1.15, 1.3, 1.45)
@@ -53,6 +55,48 @@ def select_zoom(trials: Sequence[Mapping[str, float]]) -> float:
     return float(max(trials, key=key)["zoom"])
 
 
+def write_eval_manifest(cohort: pd.DataFrame, path: str | Path) -> Path:
+    """``patient_id, swi, cmb_mask`` of ``cohort`` with absolute paths, written atomically
+    (what :func:`~detection.evaluation.lesions.evaluate_prediction_dir` reads)."""
+    table = cohort[["patient_id", "swi", "cmb_mask"]].copy()
+    for col in ("swi", "cmb_mask"):
+        table[col] = [str(Path(p).resolve()) for p in table[col]]
+    return write_text_atomic(path, table.to_csv(index=False))
+
+
+def predict_at_zoom(
+    cfg: CfgNode,
+    weights: str,
+    cohort: pd.DataFrame,
+    zoom: float,
+    out_dir: str | Path,
+    manifest: str | Path,
+    progress: bool = True,
+) -> tuple[CohortEval, float]:
+    """Predict ``cohort`` with ``CMB.INFER.ZOOM`` = ``zoom`` into ``out_dir/<patient_id>/``
+    and evaluate it against ``manifest`` (report in ``out_dir/evaluation``). Returns the
+    evaluation and the prediction seconds per patient."""
+    from .inference import VolumePredictor
+
+    zcfg = cfg.clone()
+    zcfg.defrost()
+    zcfg.CMB.INFER.ZOOM = float(zoom)
+    predictor = VolumePredictor(zcfg, weights)
+    out = Path(out_dir)
+    rows = list(cohort.to_dict("records"))
+    t0 = time.perf_counter()
+    if progress:
+        import tqdm
+
+        rows = tqdm.tqdm(rows, desc=f"zoom {zoom:g}")
+    for rec in rows:
+        pred = predictor(rec["swi"], rec.get("brain_mask") or None,
+                         patient_id=rec["patient_id"])
+        pred.write(out / rec["patient_id"], overlay=False)
+    seconds = (time.perf_counter() - t0) / max(len(cohort), 1)
+    return evaluate_prediction_dir(out, manifest, out / "evaluation"), seconds
+
+
 def calibrate_zoom(
     cfg: CfgNode,
     weights: str,
@@ -69,8 +113,6 @@ def calibrate_zoom(
     sensitivity, recall, Dice, FP per patient at the operating threshold) and the
     selected zoom with the config override that applies it.
     """
-    from .inference import VolumePredictor
-
     zooms = [float(z) for z in zooms]
     if not zooms or any(not (z > 0 and math.isfinite(z)) for z in zooms):
         raise ValueError(f"zooms must be positive numbers, got {zooms}")
@@ -85,30 +127,12 @@ def calibrate_zoom(
         raise ValueError(f"calibration patients need a cmb_mask; missing for {missing[:10]}")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = out / "calibration_manifest.csv"
-    table = cohort[["patient_id", "swi", "cmb_mask"]].copy()
-    for col in ("swi", "cmb_mask"):
-        table[col] = [str(Path(p).resolve()) for p in table[col]]
-    write_text_atomic(manifest, table.to_csv(index=False))
-    brain = dict(zip(cohort["patient_id"], cohort.get("brain_mask", [""] * len(cohort))))
+    manifest = write_eval_manifest(cohort, out / "calibration_manifest.csv")
 
     trials = []
     for z in zooms:
-        zcfg = cfg.clone()
-        zcfg.defrost()
-        zcfg.CMB.INFER.ZOOM = z
-        predictor = VolumePredictor(zcfg, weights)
-        zdir = out / f"zoom_{z:g}"
-        rows = list(table.itertuples(index=False))
-        if progress:
-            import tqdm
-
-            rows = tqdm.tqdm(rows, desc=f"zoom {z:g}")
-        for rec in rows:
-            pred = predictor(rec.swi, brain.get(rec.patient_id) or None,
-                             patient_id=rec.patient_id)
-            pred.write(zdir / rec.patient_id, overlay=False)
-        result = evaluate_prediction_dir(zdir, manifest, zdir / "evaluation")
+        result, _ = predict_at_zoom(cfg, weights, cohort, z, out / f"zoom_{z:g}", manifest,
+                                    progress=progress)
         at = froc(result.cases, fp_rates=[fp_rate])["sensitivity"][0]
         pp = result.metrics["per_patient"]
         trials.append({
@@ -136,7 +160,7 @@ def calibrate_zoom(
         "trials": trials,
         "selected_zoom": best,
         "opts": ["CMB.INFER.ZOOM", best],
-        "patients": list(table["patient_id"]),
+        "patients": [str(p) for p in cohort["patient_id"]],
         "weights": str(weights),
         "rule": "max sensitivity at fp_rate FP/patient; ties: max mean FROC sensitivity, "
                 "then the zoom closest to 1",
@@ -145,5 +169,5 @@ def calibrate_zoom(
     write_text_atomic(out / "zoom_selection.json",
                       json.dumps(json_ready(selection), indent=2) + "\n")
     logger.info("selected zoom %g (CMB.INFER.ZOOM %g) from %d patients", best, best,
-                len(table))
+                len(cohort))
     return selection

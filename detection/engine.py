@@ -313,6 +313,15 @@ def scale_lesions(
     return _as_dtype_of(out, image, rounded=True), new_masks
 
 
+def _resize_by(image: np.ndarray, factor: float) -> T.Transform:
+    """Isotropic resize of ``image`` by ``factor`` (no-op when the size stays)."""
+    h, w = image.shape[:2]
+    nh, nw = max(1, int(round(h * factor))), max(1, int(round(w * factor)))
+    if (nh, nw) == (h, w):
+        return T.NoOpTransform()
+    return T.ResizeTransform(h, w, nh, nw)
+
+
 class RandomScale(T.Augmentation):
     """Isotropic rescale by a factor drawn from ``scale`` (lesion size jitter)."""
 
@@ -321,12 +330,7 @@ class RandomScale(T.Augmentation):
         self._init(locals())
 
     def get_transform(self, image: np.ndarray) -> T.Transform:
-        h, w = image.shape[:2]
-        f = float(np.random.uniform(self.scale[0], self.scale[1]))
-        nh, nw = max(1, int(round(h * f))), max(1, int(round(w * f)))
-        if (nh, nw) == (h, w):
-            return T.NoOpTransform()
-        return T.ResizeTransform(h, w, nh, nw)
+        return _resize_by(image, float(np.random.uniform(self.scale[0], self.scale[1])))
 
 
 class Zoom(T.Augmentation):
@@ -339,12 +343,7 @@ class Zoom(T.Augmentation):
         self._init(locals())
 
     def get_transform(self, image: np.ndarray) -> T.Transform:
-        h, w = image.shape[:2]
-        nh = max(1, int(round(h * self.factor)))
-        nw = max(1, int(round(w * self.factor)))
-        if (nh, nw) == (h, w):
-            return T.NoOpTransform()
-        return T.ResizeTransform(h, w, nh, nw)
+        return _resize_by(image, float(self.factor))
 
 
 class LesionAwareCrop(T.Augmentation):
