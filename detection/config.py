@@ -59,6 +59,13 @@ def add_cmb_config(cfg: CN) -> None:
     # (1.0, 1.0) = off.
     _C.CMB.AUG.LESION_SCALE = (1.0, 1.0)
     _C.CMB.AUG.LESION_SCALE_PROB = 0.5
+    # The blooming halo (signal void beyond the bleed's true extent) is shallower and
+    # narrower at lower field strength or shorter echo time, while the core stays dark:
+    # each lesion's halo is, with probability BLOOM_PROB, reshaped to a factor drawn
+    # from BLOOM (depth and width scale together; <1 weaker blooming), the lesion and its
+    # mask unchanged (engine.bloom_lesions). (1.0, 1.0) = off.
+    _C.CMB.AUG.BLOOM = (1.0, 1.0)
+    _C.CMB.AUG.BLOOM_PROB = 0.5
     _C.CMB.AUG.CROP_KEEP_LESION_PROB = 0.8  # share of crops placed to contain a lesion
 
     # Light ResNet-FPN backbone (detection/backbone.py, MODEL.BACKBONE.NAME

@@ -54,6 +54,7 @@ __all__ = [
     "Trainer",
     "Zoom",
     "build_cmb_augmentations",
+    "bloom_lesions",
     "fade_lesions",
     "positive_repeat_factors",
     "scale_lesions",
@@ -313,6 +314,78 @@ def scale_lesions(
     return _as_dtype_of(out, image, rounded=True), new_masks
 
 
+def bloom_lesions(
+    image: np.ndarray,
+    masks: np.ndarray,
+    factors: Sequence[float],
+    center_channel: int | None = 1,
+    smooth_px: float = 1.5,
+    ring_px: int = 4,
+) -> np.ndarray:
+    """Reshape the blooming halo around each lesion, keeping the lesion and its mask.
+
+    On SWI a bleed's signal void reaches beyond its true extent (the mask): the halo.
+    Its depth and width grow with field strength and echo time, so a 1.5 T scanner
+    shows the same bleed with a shallower, narrower halo than a 3 T one, while the core
+    stays dark. For a factor ``b`` the halo's darkening ``D`` (how far the smoothed
+    image lies below the median of a background ring) becomes ``b * A * (D / A) **
+    (1 / b**2)``, with ``A`` its value next to the mask: a Gaussian profile of depth
+    ``A`` and width ``s`` turns into one of depth ``b A`` and width ``b s``. ``b`` < 1
+    narrows (weaker blooming), ``b`` > 1 widens. Pixels within about three mask radii
+    of the mask change; the change is smooth, so the image's own noise stays. In the
+    slice the mask belongs to (``center_channel`` of the 2.5D channels; every channel
+    when None) the mask itself is kept; in the neighbouring slices, which hold the
+    halo above and below the bleed, the mask's footprint is reshaped too.
+
+    ``image`` is ``H x W x C`` (uint8 or float), ``masks`` ``N x H x W`` bool and
+    ``factors`` one positive value per mask (1 = unchanged). Returns a new image of the
+    same dtype.
+    """
+    if len(masks) != len(factors):
+        raise ValueError(f"{len(masks)} masks but {len(factors)} blooming factors")
+    if any(not np.isfinite(f) or f <= 0 for f in factors):
+        raise ValueError(f"blooming factors must be positive, got {list(factors)}")
+    out = image.astype(np.float32)
+    if out.ndim == 2:
+        out = out[..., None]
+    n_ch = out.shape[2]
+    own = np.zeros(n_ch, dtype=bool)  # channels whose mask pixels stay as they are
+    if center_channel is None or n_ch == 1:
+        own[:] = True
+    else:
+        own[center_channel] = True
+    smooth = None
+    for mask, b in zip(masks, factors):
+        if b == 1.0 or not mask.any():
+            continue
+        if smooth is None:
+            smooth = cv2.GaussianBlur(out, (0, 0), sigmaX=smooth_px).reshape(out.shape)
+        m8 = mask.astype(np.uint8)
+        r_eq = float(np.sqrt(m8.sum() / np.pi))
+        reach = max(6.0, 3.0 * r_eq + 2.0)  # halo extent (px) beyond the mask
+        dist = cv2.distanceTransform((1 - m8), cv2.DIST_L2, 5)
+        ring = (dist > reach) & (dist <= reach + ring_px)
+        if not ring.any():
+            continue
+        outside = (dist > 0) & (dist <= reach)
+        region = np.where(own[None, None, :], outside[..., None], (dist <= reach)[..., None])
+        bg = np.median(out[ring], axis=0)  # (C,)
+        deficit = np.maximum(bg[None, None, :] - smooth, 0.0) * region
+        # A: the deepest halo next to the mask (own slice) or over its footprint (others)
+        edge = np.where(own[None, None, :], (outside & (dist <= 1.5))[..., None],
+                        (dist <= 1.5)[..., None])
+        peak = np.maximum(np.where(edge, deficit, 0.0).max(axis=(0, 1)), 1e-3)
+        deficit = np.minimum(deficit, peak[None, None, :])  # a darker vein moves no more
+        new = float(b) * peak[None, None, :] * (deficit / peak[None, None, :]) ** (
+            1.0 / float(b) ** 2)
+        # Fade the change out towards the edge of the reach so no step is left there.
+        taper = np.clip((reach - dist) / 2.0, 0.0, 1.0)[..., None] * region
+        out = out + taper * (deficit - new)
+    if image.ndim == 2:
+        out = out[..., 0]
+    return _as_dtype_of(out, image, rounded=True)
+
+
 def _resize_by(image: np.ndarray, factor: float) -> T.Transform:
     """Isotropic resize of ``image`` by ``factor`` (no-op when the size stays)."""
     h, w = image.shape[:2]
@@ -424,7 +497,9 @@ class CMBDatasetMapper:
     ``lesion_scale_prob``, resized about its centre by a factor drawn from that range
     (:func:`scale_lesions`; its mask and box follow). With ``lesion_fade`` > 0 each
     lesion is, with probability ``lesion_fade_prob``, faded towards its surroundings
-    (:func:`fade_lesions`); its mask is kept.
+    (:func:`fade_lesions`); its mask is kept. With ``bloom`` other than ``(1, 1)``
+    each lesion's blooming halo is, with probability ``bloom_prob``, reshaped by a
+    factor drawn from that range (:func:`bloom_lesions`); its mask is kept.
     """
 
     @configurable
@@ -438,6 +513,8 @@ class CMBDatasetMapper:
         lesion_fade_prob: float = 0.5,
         lesion_scale: tuple[float, float] = (1.0, 1.0),
         lesion_scale_prob: float = 0.5,
+        bloom: tuple[float, float] = (1.0, 1.0),
+        bloom_prob: float = 0.5,
     ):
         lesion_scale = tuple(float(v) for v in lesion_scale)
         if len(lesion_scale) != 2 or not 0.0 < lesion_scale[0] <= lesion_scale[1]:
@@ -445,6 +522,11 @@ class CMBDatasetMapper:
                              f"got {lesion_scale}")
         if not 0.0 <= lesion_scale_prob <= 1.0:
             raise ValueError(f"lesion_scale_prob must be in [0, 1], got {lesion_scale_prob}")
+        bloom = tuple(float(v) for v in bloom)
+        if len(bloom) != 2 or not 0.0 < bloom[0] <= bloom[1]:
+            raise ValueError(f"bloom must be (low, high) with 0 < low <= high, got {bloom}")
+        if not 0.0 <= bloom_prob <= 1.0:
+            raise ValueError(f"bloom_prob must be in [0, 1], got {bloom_prob}")
         if not 0.0 <= lesion_fade <= 1.0:
             raise ValueError(f"lesion_fade must be in [0, 1], got {lesion_fade}")
         if not 0.0 <= lesion_fade_prob <= 1.0:
@@ -456,6 +538,8 @@ class CMBDatasetMapper:
         self.lesion_fade_prob = float(lesion_fade_prob)
         self.lesion_scale = lesion_scale
         self.lesion_scale_prob = float(lesion_scale_prob)
+        self.bloom = bloom
+        self.bloom_prob = float(bloom_prob)
         mode = "training" if is_train else "inference"
         logger.info("[CMBDatasetMapper] %s augmentations: %s", mode, augmentations)
         if is_train and self.lesion_fade > 0:
@@ -464,6 +548,9 @@ class CMBDatasetMapper:
         if is_train and self.lesion_scale != (1.0, 1.0):
             logger.info("[CMBDatasetMapper] lesion scale %s with probability %.2f",
                         self.lesion_scale, self.lesion_scale_prob)
+        if is_train and self.bloom != (1.0, 1.0):
+            logger.info("[CMBDatasetMapper] blooming %s with probability %.2f",
+                        self.bloom, self.bloom_prob)
 
     @classmethod
     def from_config(cls, cfg: CfgNode, is_train: bool = True) -> dict:
@@ -476,6 +563,8 @@ class CMBDatasetMapper:
             "lesion_fade_prob": float(cfg.CMB.AUG.LESION_FADE_PROB),
             "lesion_scale": tuple(cfg.CMB.AUG.LESION_SCALE) if is_train else (1.0, 1.0),
             "lesion_scale_prob": float(cfg.CMB.AUG.LESION_SCALE_PROB),
+            "bloom": tuple(cfg.CMB.AUG.BLOOM) if is_train else (1.0, 1.0),
+            "bloom_prob": float(cfg.CMB.AUG.BLOOM_PROB),
         }
 
     def __call__(self, dataset_dict: dict) -> dict:
@@ -513,6 +602,12 @@ class CMBDatasetMapper:
                                              factors)
                 instances.gt_masks = BitMasks(torch.from_numpy(masks))
                 instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
+        if self.bloom != (1.0, 1.0) and len(instances):
+            chosen = np.random.rand(len(instances)) < self.bloom_prob
+            if chosen.any():
+                factors = np.where(chosen, np.random.uniform(*self.bloom, len(instances)),
+                                   1.0)
+                image = bloom_lesions(image, instances.gt_masks.tensor.numpy(), factors)
         if self.lesion_fade > 0 and len(instances):
             chosen = np.random.rand(len(instances)) < self.lesion_fade_prob
             if chosen.any():

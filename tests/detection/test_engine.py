@@ -330,3 +330,74 @@ def test_mapper_lesion_fade_keeps_masks(tiny_dataset: str) -> None:
     assert faded > before + 20  # lifted from ~30 towards the ~140 background
     with pytest.raises(ValueError, match="lesion_fade"):
         CMBDatasetMapper(is_train=True, augmentations=[], image_format="RGB", lesion_fade=2.0)
+
+
+def _bloomed_disc(depth: float, width: float, size: int = 80, radius: float = 4.0,
+                  noise: float = 0.0):
+    """A bleed (dark disc, its mask) with a Gaussian blooming halo of ``depth`` grey
+    levels and ``width`` px outside it, in all three 2.5D channels."""
+    yy, xx = np.mgrid[:size, :size]
+    r = np.sqrt((yy - size // 2) ** 2 + (xx - size // 2) ** 2)
+    mask = r <= radius
+    d = np.maximum(r - radius, 0.0)
+    img = 120.0 - depth * np.exp(-0.5 * (d / width) ** 2)
+    img[mask] = 15.0
+    img = np.repeat(img[..., None], 3, axis=2)
+    img += np.random.default_rng(2).normal(0, noise, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), mask, d
+
+
+def test_bloom_lesions_narrows_the_halo_and_keeps_the_bleed() -> None:
+    from detection.engine import bloom_lesions
+
+    img, m, d = _bloomed_disc(depth=60.0, width=3.0, noise=4.0)
+    assert np.array_equal(bloom_lesions(img, m[None], [1.0]), img)
+    out = bloom_lesions(img, m[None], [0.7])
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    # The bleed itself is untouched in its own slice (the centre channel) ...
+    assert np.array_equal(out[..., 1][m], img[..., 1][m])
+    # ... and the halo now looks like one rendered with 0.7 x the depth and the width.
+    want, _, _ = _bloomed_disc(depth=42.0, width=2.1, noise=4.0)
+    halo = (d > 0) & (d < 9)
+    before = np.abs(img[..., 1][halo].astype(float) - want[..., 1][halo]).mean()
+    after = np.abs(out[..., 1][halo].astype(float) - want[..., 1][halo]).mean()
+    assert before > 8 and after < 0.4 * before
+    # Beyond the halo's reach nothing changes, noise included.
+    assert np.array_equal(out[d > 20], img[d > 20])
+    # The neighbouring slices' footprint (halo above and below the bleed) is lifted too.
+    assert out[..., 0][m].mean() > img[..., 0][m].mean() + 10
+    # A factor above 1 widens and deepens the halo.
+    wide = bloom_lesions(img, m[None], [1.3])
+    ring = (d > 2) & (d < 6)
+    assert wide[..., 1][ring].mean() < img[..., 1][ring].mean() - 5
+    with pytest.raises(ValueError, match="blooming factors"):
+        bloom_lesions(img, m[None], [0.7, 0.8])
+    with pytest.raises(ValueError, match="positive"):
+        bloom_lesions(img, m[None], [-1.0])
+
+
+def test_mapper_bloom_keeps_masks_and_lifts_the_halo(tiny_dataset: str) -> None:
+    flat = ["CMB.AUG.ROTATION", "0.0", "CMB.AUG.BRIGHTNESS", "0.0", "CMB.AUG.HFLIP", "False",
+            "CMB.AUG.CONTRAST", "(1.0, 1.0)", "CMB.AUG.SCALE", "(1.0, 1.0)",
+            "CMB.AUG.CROP_KEEP_LESION_PROB", "1.0"]
+    cfg = setup_cfg(INSTANT, flat + ["CMB.AUG.BLOOM", "(0.5, 0.5)", "CMB.AUG.BLOOM_PROB", "1.0"])
+    mapper = CMBDatasetMapper(cfg, is_train=True)
+    plain = CMBDatasetMapper(setup_cfg(INSTANT, flat), is_train=True)
+    assert CMBDatasetMapper(cfg, is_train=False).bloom == (1.0, 1.0)  # training only
+    rec = next(r for r in DatasetCatalog.get(tiny_dataset) if r["annotations"])
+    np.random.seed(4)  # noqa: NPY002  (the same crop for both)
+    out = mapper(rec)
+    np.random.seed(4)  # noqa: NPY002
+    ref = plain(rec)
+    assert len(ref["instances"]) > 0
+    assert torch.equal(out["instances"].gt_masks.tensor, ref["instances"].gt_masks.tensor)
+    lesion = ref["instances"].gt_masks.tensor.any(0)
+    assert torch.equal(out["image"][1][lesion], ref["image"][1][lesion])
+    # the blurred dark edge just outside the bleed (a halo of sorts) comes up
+    edge = torch.from_numpy(cv2.dilate(lesion.numpy().astype(np.uint8),
+                                       np.ones((5, 5), np.uint8)).astype(bool)) & ~lesion
+    assert out["image"][1][edge].float().mean() > ref["image"][1][edge].float().mean() + 3
+    with pytest.raises(ValueError, match="bloom"):
+        CMBDatasetMapper(is_train=True, augmentations=[], image_format="RGB", bloom=(0.0, 1.0))
+    with pytest.raises(ValueError, match="bloom_prob"):
+        CMBDatasetMapper(is_train=True, augmentations=[], image_format="RGB", bloom_prob=-0.1)
