@@ -41,18 +41,9 @@ from detection.data.synthetic import (  # noqa: E402
     cohort_specs,
     generate_patient,
 )
-from detection.fileio import json_ready, write_text_atomic  # noqa: E402
+from detection.fileio import json_ready, shown_path, write_text_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def shown(path: str | Path) -> str:
-    """``path`` relative to the repository when inside it, else its file name only."""
-    p = Path(path).resolve()
-    try:
-        return str(p.relative_to(REPO))
-    except ValueError:
-        return p.name
 
 
 def varied_profile(base: CenterProfile, field: str, value: float) -> CenterProfile:
@@ -166,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "what": f"centre {args.center} re-rendered with one profile field changed at a time "
                 "(same patients, lesions and noise), the same detector on every version",
-        "config": shown(args.config_file), "weights": shown(args.weights),
+        "config": shown_path(args.config_file, REPO),
+        "weights": shown_path(args.weights, REPO),
         "opts": list(args.opts), "center": args.center, "patients": len(specs),
         "cohort": {"patients_per_class": args.patients_per_class, "centers": names,
                    "seed": args.seed},

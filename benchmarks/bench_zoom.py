@@ -34,19 +34,14 @@ from detection.calibration import (  # noqa: E402
 )
 from detection.data.manifest import read_cohort  # noqa: E402
 from detection.engine import setup_cfg  # noqa: E402
-from detection.fileio import json_ready, write_text_atomic  # noqa: E402
+from detection.fileio import json_ready, shown_path, write_text_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def shown(path: str | Path) -> str:
-    """``path`` relative to the repository when inside it, else its file name only
-    (results are committed: no machine paths)."""
-    p = Path(path).resolve()
-    try:
-        return str(p.relative_to(REPO))
-    except ValueError:
-        return p.name
+    """``path`` as the results file names it (no machine paths)."""
+    return shown_path(path, REPO)
 
 
 def summary(metrics: dict) -> dict:

@@ -236,6 +236,17 @@ def fade_lesions(
     return _as_dtype_of(out, image, rounded=True)
 
 
+def _per_lesion_input(image: np.ndarray, masks: np.ndarray, factors: Sequence[float],
+                      what: str) -> np.ndarray:
+    """Check one positive factor per mask; ``image`` as float32 ``H x W x C``."""
+    if len(masks) != len(factors):
+        raise ValueError(f"{len(masks)} masks but {len(factors)} {what}")
+    if any(not np.isfinite(f) or f <= 0 for f in factors):
+        raise ValueError(f"{what} must be positive, got {list(factors)}")
+    out = image.astype(np.float32)
+    return out[..., None] if out.ndim == 2 else out
+
+
 def scale_lesions(
     image: np.ndarray,
     masks: np.ndarray,
@@ -260,13 +271,7 @@ def scale_lesions(
     ``factors`` one scale per mask (1 = unchanged). Returns the new image (same dtype)
     and the new masks.
     """
-    if len(masks) != len(factors):
-        raise ValueError(f"{len(masks)} masks but {len(factors)} scale factors")
-    if any(not np.isfinite(f) or f <= 0 for f in factors):
-        raise ValueError(f"scale factors must be positive, got {list(factors)}")
-    out = image.astype(np.float32)
-    if out.ndim == 2:
-        out = out[..., None]
+    out = _per_lesion_input(image, masks, factors, "scale factors")
     new_masks = np.array(masks, dtype=bool, copy=True)
     h, w = out.shape[:2]
     for i, (mask, f) in enumerate(zip(masks, factors)):
@@ -341,13 +346,7 @@ def bloom_lesions(
     ``factors`` one positive value per mask (1 = unchanged). Returns a new image of the
     same dtype.
     """
-    if len(masks) != len(factors):
-        raise ValueError(f"{len(masks)} masks but {len(factors)} blooming factors")
-    if any(not np.isfinite(f) or f <= 0 for f in factors):
-        raise ValueError(f"blooming factors must be positive, got {list(factors)}")
-    out = image.astype(np.float32)
-    if out.ndim == 2:
-        out = out[..., None]
+    out = _per_lesion_input(image, masks, factors, "blooming factors")
     n_ch = out.shape[2]
     own = np.zeros(n_ch, dtype=bool)  # channels whose mask pixels stay as they are
     if center_channel is None or n_ch == 1:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_output", "copy_atomic", "json_ready", "write_json_atomic",
+__all__ = ["atomic_output", "copy_atomic", "json_ready", "shown_path", "write_json_atomic",
            "write_text_atomic"]
 
 
@@ -85,3 +85,13 @@ def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     with atomic_output(dst, ".tmp") as tmp:
         shutil.copyfile(src, tmp)
     return dst
+
+
+def shown_path(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """``path`` relative to ``root`` when inside it, else its file name only: for results
+    that are committed, which must not name folders of the machine they ran on."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path(root).resolve()))
+    except ValueError:
+        return p.name
