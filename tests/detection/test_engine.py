@@ -28,8 +28,10 @@ INSTANT = REPO / "configs" / "quick_schedules" / "cmb_R_18_FPN_instant_test.yaml
 sys.path.insert(0, str(REPO / "tools"))
 
 
-def _write_slice_dataset(root: Path, n_images: int = 6, size: int = 128) -> Path:
-    """A tiny COCO dataset of SWI-like slices: grey brain, dark round foci, some empty."""
+def _write_slice_dataset(root: Path, n_images: int = 6, size: int = 128,
+                         halo: float = 0.0) -> Path:
+    """A tiny COCO dataset of SWI-like slices: grey brain, dark round foci, some empty.
+    With ``halo`` > 0 each focus has a blooming halo that deep (grey levels), 3 px wide."""
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
     images, annotations = [], []
@@ -41,7 +43,9 @@ def _write_slice_dataset(root: Path, n_images: int = 6, size: int = 128) -> Path
         for _ in range(n_lesions):
             cy, cx = rng.integers(20, size - 20, 2)
             r = rng.uniform(3, 6)
-            m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            rr = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+            m = rr <= r
+            img -= halo * np.exp(-0.5 * (np.maximum(rr - r, 0) / 3.0) ** 2)
             img[m] = 30
             masks.append(m)
         name = f"images/{i:03d}.png"
@@ -376,7 +380,17 @@ def test_bloom_lesions_narrows_the_halo_and_keeps_the_bleed() -> None:
         bloom_lesions(img, m[None], [-1.0])
 
 
-def test_mapper_bloom_keeps_masks_and_lifts_the_halo(tiny_dataset: str) -> None:
+@pytest.fixture()
+def haloed_dataset(tmp_path: Path):
+    name = f"cmbhalo_{tmp_path.name}"
+    json_file = _write_slice_dataset(tmp_path / "halo", halo=50.0)
+    register_coco_instances(name, {}, str(json_file), str(tmp_path / "halo"))
+    yield name
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+
+
+def test_mapper_bloom_keeps_masks_and_lifts_the_halo(haloed_dataset: str) -> None:
     flat = ["CMB.AUG.ROTATION", "0.0", "CMB.AUG.BRIGHTNESS", "0.0", "CMB.AUG.HFLIP", "False",
             "CMB.AUG.CONTRAST", "(1.0, 1.0)", "CMB.AUG.SCALE", "(1.0, 1.0)",
             "CMB.AUG.CROP_KEEP_LESION_PROB", "1.0"]
@@ -384,7 +398,7 @@ def test_mapper_bloom_keeps_masks_and_lifts_the_halo(tiny_dataset: str) -> None:
     mapper = CMBDatasetMapper(cfg, is_train=True)
     plain = CMBDatasetMapper(setup_cfg(INSTANT, flat), is_train=True)
     assert CMBDatasetMapper(cfg, is_train=False).bloom == (1.0, 1.0)  # training only
-    rec = next(r for r in DatasetCatalog.get(tiny_dataset) if r["annotations"])
+    rec = next(r for r in DatasetCatalog.get(haloed_dataset) if r["annotations"])
     np.random.seed(4)  # noqa: NPY002  (the same crop for both)
     out = mapper(rec)
     np.random.seed(4)  # noqa: NPY002
@@ -393,7 +407,7 @@ def test_mapper_bloom_keeps_masks_and_lifts_the_halo(tiny_dataset: str) -> None:
     assert torch.equal(out["instances"].gt_masks.tensor, ref["instances"].gt_masks.tensor)
     lesion = ref["instances"].gt_masks.tensor.any(0)
     assert torch.equal(out["image"][1][lesion], ref["image"][1][lesion])
-    # the blurred dark edge just outside the bleed (a halo of sorts) comes up
+    # the halo just outside the bleed comes up
     edge = torch.from_numpy(cv2.dilate(lesion.numpy().astype(np.uint8),
                                        np.ones((5, 5), np.uint8)).astype(bool)) & ~lesion
     assert out["image"][1][edge].float().mean() > ref["image"][1][edge].float().mean() + 3
