@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import platform
@@ -38,6 +39,7 @@ import detection  # noqa: E402,F401
 from detection.data.synthetic import (  # noqa: E402
     BUILTIN_CENTERS,
     CenterProfile,
+    CenterProfileError,
     cohort_specs,
     generate_patient,
 )
@@ -50,9 +52,10 @@ def varied_profile(base: CenterProfile, field: str, value: float) -> CenterProfi
     """``base`` with ``field`` = ``value`` (validated like a profile file); a new in-plane
     or slice spacing rescales the matrix so the field of view stays."""
     data = base.to_dict()
-    if field not in data or field in ("name", "role", "description", "matrix"):
+    numeric = [k for k, v in data.items() if isinstance(v, (int, float))]
+    if field not in numeric:
         raise SystemExit(f"--variant: {field!r} is not a numeric centre profile field "
-                         f"(fields: {', '.join(k for k in data if k not in ('name', 'role'))})")
+                         f"(fields: {', '.join(numeric)})")
     data[field] = value
     nx, ny, nz = base.matrix
     if field == "inplane_mm":
@@ -60,7 +63,10 @@ def varied_profile(base: CenterProfile, field: str, value: float) -> CenterProfi
         data["matrix"] = [int(round(nx * f)), int(round(ny * f)), nz]
     elif field == "slice_mm":
         data["matrix"] = [nx, ny, int(round(nz * base.slice_mm / value))]
-    return CenterProfile.from_dict(data, source=f"--variant {field}={value}")
+    try:
+        return CenterProfile.from_dict(data, source=f"--variant {field}={value:g}")
+    except CenterProfileError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def parse_variant(text: str) -> tuple[str, float]:
@@ -91,10 +97,11 @@ def run_variant(job: dict) -> dict:
         row, les = generate_patient(spec, job["profile"], cohort_dir)
         rows.append(row)
         lesions += les
-    with open(cohort_dir / "manifest.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(cohort_dir / "manifest.csv", buf.getvalue())
     t_gen = time.perf_counter() - t0
     cohort = read_cohort(cohort_dir / "manifest.csv", require_masks=True)
     manifest = write_eval_manifest(cohort, out / "eval_manifest.csv")
@@ -134,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE overrides")
     args = ap.parse_args(argv)
 
+    for what, path in (("--config-file", args.config_file), ("--weights", args.weights)):
+        if not Path(path).is_file():
+            ap.error(f"{what} {path}: no such file")
     if args.center not in BUILTIN_CENTERS:
         ap.error(f"--center must be a built-in centre ({', '.join(BUILTIN_CENTERS)})")
     names = [c.strip() for c in args.centers.split(",") if c.strip()]
