@@ -365,18 +365,14 @@ def bloom_lesions(
         bg = np.median(out[ring], axis=0)  # (C,)
         # radial profile: bin 0 = the footprint, bin k = distances in (k - 1, k]
         n_bins = int(np.ceil(reach)) + 1
-        bins = np.minimum(np.ceil(dist).astype(np.int64), n_bins)
+        bins = np.ceil(dist).astype(np.int64)
         centres = np.maximum(np.arange(n_bins, dtype=np.float64) - 0.5, 0.0)
         near = bins < n_bins
-        flat_bins = bins[near]
-        order = np.argsort(flat_bins, kind="stable")
-        split = np.searchsorted(flat_bins[order], np.arange(1, n_bins))
-        values = out[near][order]  # (n, C)
-        groups = np.split(values, split)
         prof = np.zeros((n_bins, n_ch))
-        for k, g in enumerate(groups):
-            if len(g):
-                prof[k] = np.maximum(bg - np.median(g, axis=0), 0.0)
+        for k in range(n_bins):
+            sel = bins == k
+            if sel.any():
+                prof[k] = np.maximum(bg - np.median(out[sel], axis=0), 0.0)
         change = np.zeros(out.shape, dtype=np.float32)
         d_near = dist[near].astype(np.float64)
         for c in range(n_ch):
@@ -493,6 +489,27 @@ def build_cmb_augmentations(cfg: CfgNode, is_train: bool) -> list[T.Augmentation
     return augs
 
 
+def _factor_range(name: str, value: Sequence[float], prob: float) -> tuple[float, float]:
+    """A per-lesion factor range ``(low, high)`` with ``0 < low <= high`` and its
+    probability in [0, 1], checked; the range as floats."""
+    rng = tuple(float(v) for v in value)
+    if len(rng) != 2 or not 0.0 < rng[0] <= rng[1]:
+        raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {rng}")
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"{name}_prob must be in [0, 1], got {prob}")
+    return rng
+
+
+def _draw_per_lesion(n: int, prob: float, low: float, high: float,
+                     neutral: float) -> np.ndarray | None:
+    """Each of ``n`` lesions is chosen with ``prob`` and gets a value drawn uniformly from
+    ``[low, high]``; the others get ``neutral``. None when no lesion is chosen."""
+    chosen = np.random.rand(n) < prob
+    if not chosen.any():
+        return None
+    return np.where(chosen, np.random.uniform(low, high, n), neutral)
+
+
 class CMBDatasetMapper:
     """Map a COCO-style dataset dict to the model's input (image tensor + instances).
 
@@ -523,17 +540,8 @@ class CMBDatasetMapper:
         bloom: tuple[float, float] = (1.0, 1.0),
         bloom_prob: float = 0.5,
     ):
-        lesion_scale = tuple(float(v) for v in lesion_scale)
-        if len(lesion_scale) != 2 or not 0.0 < lesion_scale[0] <= lesion_scale[1]:
-            raise ValueError(f"lesion_scale must be (low, high) with 0 < low <= high, "
-                             f"got {lesion_scale}")
-        if not 0.0 <= lesion_scale_prob <= 1.0:
-            raise ValueError(f"lesion_scale_prob must be in [0, 1], got {lesion_scale_prob}")
-        bloom = tuple(float(v) for v in bloom)
-        if len(bloom) != 2 or not 0.0 < bloom[0] <= bloom[1]:
-            raise ValueError(f"bloom must be (low, high) with 0 < low <= high, got {bloom}")
-        if not 0.0 <= bloom_prob <= 1.0:
-            raise ValueError(f"bloom_prob must be in [0, 1], got {bloom_prob}")
+        lesion_scale = _factor_range("lesion_scale", lesion_scale, lesion_scale_prob)
+        bloom = _factor_range("bloom", bloom, bloom_prob)
         if not 0.0 <= lesion_fade <= 1.0:
             raise ValueError(f"lesion_fade must be in [0, 1], got {lesion_fade}")
         if not 0.0 <= lesion_fade_prob <= 1.0:
@@ -600,26 +608,21 @@ class CMBDatasetMapper:
             instances = instances[keep]
         else:  # an empty slice still carries (empty) masks, like any other
             instances.gt_masks = BitMasks(torch.zeros((0, *shape), dtype=torch.bool))
-        if self.lesion_scale != (1.0, 1.0) and len(instances):
-            chosen = np.random.rand(len(instances)) < self.lesion_scale_prob
-            if chosen.any():
-                factors = np.where(chosen, np.random.uniform(*self.lesion_scale,
-                                                             len(instances)), 1.0)
+        n = len(instances)
+        if self.lesion_scale != (1.0, 1.0) and n:
+            factors = _draw_per_lesion(n, self.lesion_scale_prob, *self.lesion_scale, 1.0)
+            if factors is not None:
                 image, masks = scale_lesions(image, instances.gt_masks.tensor.numpy(),
                                              factors)
                 instances.gt_masks = BitMasks(torch.from_numpy(masks))
                 instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
-        if self.bloom != (1.0, 1.0) and len(instances):
-            chosen = np.random.rand(len(instances)) < self.bloom_prob
-            if chosen.any():
-                factors = np.where(chosen, np.random.uniform(*self.bloom, len(instances)),
-                                   1.0)
+        if self.bloom != (1.0, 1.0) and n:
+            factors = _draw_per_lesion(n, self.bloom_prob, *self.bloom, 1.0)
+            if factors is not None:
                 image = bloom_lesions(image, instances.gt_masks.tensor.numpy(), factors)
-        if self.lesion_fade > 0 and len(instances):
-            chosen = np.random.rand(len(instances)) < self.lesion_fade_prob
-            if chosen.any():
-                fracs = np.where(chosen, np.random.uniform(0.0, self.lesion_fade,
-                                                           len(instances)), 0.0)
+        if self.lesion_fade > 0 and n:
+            fracs = _draw_per_lesion(n, self.lesion_fade_prob, 0.0, self.lesion_fade, 0.0)
+            if fracs is not None:
                 image = fade_lesions(image, instances.gt_masks.tensor.numpy(), fracs)
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         dataset_dict["instances"] = instances
