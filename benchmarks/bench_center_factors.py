@@ -85,6 +85,7 @@ def run_variant(job: dict) -> dict:
     from detection.calibration import predict_at_zoom, write_eval_manifest
     from detection.data.manifest import read_cohort
     from detection.engine import setup_cfg
+    from detection.evaluation.lesions import headline_figures
 
     import torch
 
@@ -108,18 +109,11 @@ def run_variant(job: dict) -> dict:
     cfg = setup_cfg(job["config_file"], job["opts"])
     ev, seconds = predict_at_zoom(cfg, job["weights"], cohort, 1.0, out / "pred", manifest,
                                   progress=False)
-    m = ev.metrics
-    pp, fr = m["per_patient"], m["froc"]
-    at = dict(zip(fr["fp_rates"], fr["sensitivity"]))
     return {
         "variant": job["name"], "profile": job["profile"].to_dict(),
-        "reference_lesions": fr["n_reference_lesions"],
         "reference_voxels_per_lesion": (sum(r["n_voxels"] for r in lesions)
                                         / max(len(lesions), 1)),
-        "recall_mean": pp["recall"]["mean"], "dice_mean": pp["dice"]["mean"],
-        "iou_mean": pp["iou"]["mean"], "fp_per_patient": m["pooled"]["fp_per_patient"],
-        "sensitivity_at_1fp": at.get(1.0), "sensitivity_at_2fp": at.get(2.0),
-        "froc_mean": fr["mean_sensitivity"],
+        **headline_figures(ev.metrics),
         "seconds_render": t_gen, "seconds_predict_per_patient": seconds,
     }
 

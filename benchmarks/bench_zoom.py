@@ -34,6 +34,7 @@ from detection.calibration import (  # noqa: E402
 )
 from detection.data.manifest import read_cohort  # noqa: E402
 from detection.engine import setup_cfg  # noqa: E402
+from detection.evaluation.lesions import headline_figures  # noqa: E402
 from detection.fileio import json_ready, shown_path, write_text_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,20 +43,6 @@ REPO = Path(__file__).resolve().parents[1]
 def shown(path: str | Path) -> str:
     """``path`` as the results file names it (no machine paths)."""
     return shown_path(path, REPO)
-
-
-def summary(metrics: dict) -> dict:
-    """The figures the issues quote, from an evaluation's metrics.json content."""
-    pp, fr = metrics["per_patient"], metrics["froc"]
-    at = dict(zip(fr["fp_rates"], fr["sensitivity"]))
-    return {
-        "recall_mean": pp["recall"]["mean"], "dice_mean": pp["dice"]["mean"],
-        "iou_mean": pp["iou"]["mean"], "fp_per_patient": metrics["pooled"]["fp_per_patient"],
-        "precision_pooled": metrics["pooled"]["precision"],
-        "sensitivity_at_0.5fp": at.get(0.5), "sensitivity_at_1fp": at.get(1.0),
-        "sensitivity_at_2fp": at.get(2.0), "froc_mean": fr["mean_sensitivity"],
-        "n_reference_lesions": fr["n_reference_lesions"], "n_patients": fr["n_patients"],
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     for z in zooms:
         ev, seconds = predict_at_zoom(cfg, args.weights, held, z, work / f"heldout_zoom_{z:g}",
                                       manifest)
-        results[f"{z:g}"] = {**summary(ev.metrics), "seconds_per_patient": seconds}
+        results[f"{z:g}"] = {**headline_figures(ev.metrics), "seconds_per_patient": seconds}
 
     doc = {
         "what": "test-time zoom chosen on calibration patients of one site, evaluated on "

@@ -67,6 +67,7 @@ __all__ = [
     "plot_froc",
     "write_report",
     "evaluate_prediction_dir",
+    "headline_figures",
 ]
 
 logger = logging.getLogger(__name__)
@@ -587,3 +588,19 @@ def evaluate_prediction_dir(
     if output is not None:
         write_report(result, output)
     return result
+
+
+def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The figures the benchmarks quote, from an evaluation's ``metrics.json`` content:
+    per-patient means (recall, Dice, IoU), pooled FP per patient and precision, FROC
+    sensitivity at 0.5 / 1 / 2 FP per patient and its mean, and the counts."""
+    pp, fr = metrics["per_patient"], metrics["froc"]
+    at = dict(zip(fr["fp_rates"], fr["sensitivity"]))
+    return {
+        "recall_mean": pp["recall"]["mean"], "dice_mean": pp["dice"]["mean"],
+        "iou_mean": pp["iou"]["mean"], "fp_per_patient": metrics["pooled"]["fp_per_patient"],
+        "precision_pooled": metrics["pooled"]["precision"],
+        "sensitivity_at_0.5fp": at.get(0.5), "sensitivity_at_1fp": at.get(1.0),
+        "sensitivity_at_2fp": at.get(2.0), "froc_mean": fr["mean_sensitivity"],
+        "n_reference_lesions": fr["n_reference_lesions"], "n_patients": fr["n_patients"],
+    }

@@ -212,6 +212,12 @@ def test_cohort_summary_and_report(tmp_path):
     assert paths["froc"].read_bytes()[:4] == b"\x89PNG"
     assert len(pd.read_csv(paths["per_patient"])) == 2
     assert not list(tmp_path.glob(".*tmp"))  # no temp files left
+    head = E.headline_figures(data)
+    at = dict(zip(data["froc"]["fp_rates"], data["froc"]["sensitivity"]))
+    assert head["sensitivity_at_1fp"] == at[1.0] and head["sensitivity_at_2fp"] == at[2.0]
+    assert head["fp_per_patient"] == 1.5 and head["n_patients"] == 2
+    assert head["n_reference_lesions"] == 4
+    assert head["recall_mean"] == m["per_patient"]["recall"]["mean"]
 
 
 # --------------------------------------------------------------------------- the tool
