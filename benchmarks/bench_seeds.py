@@ -10,7 +10,7 @@ study resumes, and seeds can run in parallel (``--jobs``, one thread each).
 
     python benchmarks/bench_seeds.py --config-file configs/CMB-RCNN-Lite-FPN-cpu.yaml \\
         --data-root output/demo/coco --manifest output/demo/cohort/manifest.csv \\
-        --center C --seeds 0 1 2 --jobs 2 --work output/seeds
+        --center C --seeds 0 1 2 --cpu-procs 2 --work output/seeds
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ def one_seed(seed: int, args: argparse.Namespace, ext_manifest: Path) -> dict:
     weights = d / "train" / "model_final.pth"
     if not weights.is_file():
         _run([py, "tools/train_net.py", "--config-file", args.config_file,
-              "CMB.DATA_ROOT", str(args.data_root), "OUTPUT_DIR", str(d / "train"),
-              "SEED", str(seed), *args.opts], d / "train_stdout.log")
+              "--cpu-procs", str(args.cpu_procs), "CMB.DATA_ROOT", str(args.data_root),
+              "OUTPUT_DIR", str(d / "train"), "SEED", str(seed), *args.opts],
+             d / "train_stdout.log")
     t_train = time.perf_counter() - t0
     if not (d / "pred" / ".done").is_file():
         _run([py, "tools/predict.py", "--config-file", args.config_file, "--weights",
@@ -115,10 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--center", required=True, help="external centre to evaluate on")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=1, help="seeds run in parallel")
+    p.add_argument("--cpu-procs", type=int, default=1,
+                   help="data-parallel CPU processes per training (train_net --cpu-procs)")
     p.add_argument("--work", type=Path, default=Path("output/seeds"))
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/seeds_cpu.json"))
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = p.parse_args(argv)
+    if args.cpu_procs < 1:
+        p.error(f"--cpu-procs must be >= 1, got {args.cpu_procs}")
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     cohort = pd.read_csv(args.manifest)
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "seed stability of the detector config, external centre",
         "config": args.config_file, "opts": args.opts, "center": args.center,
-        "cpu_count": os.cpu_count(), "machine": platform.platform(),
+        "cpu_procs": args.cpu_procs, "cpu_count": os.cpu_count(), "machine": platform.platform(),
         "diverged": [r["seed"] for r in rows if not r["losses"]["all_losses_finite"]],
         "per_seed": rows, "across_seeds": spread,
     }

@@ -38,6 +38,7 @@ from detectron2.utils import comm
 
 from .compat import fill_empty_extension
 from .config import add_cmb_config, inference_zoom
+from .distributed import ddp_for
 
 logger = logging.getLogger(__name__)
 
@@ -638,6 +639,19 @@ def positive_repeat_factors(dataset_dicts: Sequence[dict], factor: float) -> tor
 
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with the CMB evaluator, train loader and best-checkpoint hook."""
+
+    def __init__(self, cfg: CfgNode):
+        """Detectron2's set-up. With several CPU processes (:func:`detection.distributed.
+        launch_cpu`) the model is wrapped for data parallelism without CUDA device ids,
+        which Detectron2's ``create_ddp_model`` would pass."""
+        import detectron2.engine.defaults as d2_defaults
+
+        original = d2_defaults.create_ddp_model
+        d2_defaults.create_ddp_model = ddp_for
+        try:
+            super().__init__(cfg)
+        finally:
+            d2_defaults.create_ddp_model = original
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):

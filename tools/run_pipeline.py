@@ -467,7 +467,16 @@ class Demo:
             p["weights"] = _file_stamp(self.weights)
         else:
             p["mode"] = "train"
+            procs = self.train_procs()
+            if procs > 1:  # the detector depends on how the batch is split
+                p["cpu_procs"] = procs
         return p
+
+    def train_procs(self) -> int:
+        """Data-parallel CPU training processes (``--train-procs``; 1 on a GPU)."""
+        if not str(self.cfg().MODEL.DEVICE).startswith("cpu"):
+            return 1
+        return max(1, int(self.args.train_procs))
 
     def mil_params(self) -> dict[str, Any]:
         """The resolved MIL config, less the keys that do not change its results (threads,
@@ -538,6 +547,8 @@ class Demo:
                str(self.config_file)]
         if ctx.resume and (L.train / "last_checkpoint").is_file():
             cmd.append("--resume")
+        if self.train_procs() > 1:
+            cmd += ["--cpu-procs", str(self.train_procs())]
         cmd += self.train_opts()
         log_path = L.train / "train_stdout.log"
         logger.info("training: %s (log: %s)", " ".join(cmd), log_path)
@@ -717,7 +728,7 @@ class Demo:
         """Parameters of this run (for the report)."""
         a = self.args
         return {"output": str(self.L.root), "patients_per_class": a.patients_per_class,
-                "seed": a.seed, "workers": a.workers,
+                "seed": a.seed, "workers": a.workers, "train_procs": a.train_procs,
                 "config_file": _rel_repo(self.config_file),
                 "mil_config": _rel_repo(self.mil_config),
                 "external_center": a.external_center, "opts": list(a.opts),
@@ -750,6 +761,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="processes for cohort, export, predict, bags and the MIL models "
                          "(one thread each) "
                          "(default %(default)s)")
+    ap.add_argument("--train-procs", type=int, default=2,
+                    help="data-parallel processes that train a CPU detector (tools/"
+                         "train_net.py --cpu-procs; the CPU config is tuned for 2; changing "
+                         "it retrains) (default %(default)s)")
     ap.add_argument("--config-file", default=DEFAULT_CONFIG,
                     help="Detectron2 config (default %(default)s)")
     ap.add_argument("--mil-config", default=DEFAULT_MIL_CONFIG,
@@ -801,6 +816,8 @@ def main(argv: list[str] | None = None) -> int:
         args.opts = args.opts[1:]
     if len(args.opts) % 2:
         ap.error(f"config overrides must be KEY VALUE pairs, got {args.opts}")
+    if args.train_procs < 1:
+        ap.error(f"--train-procs must be >= 1, got {args.train_procs}")
     if args.skip_train != bool(args.weights):
         ap.error("--skip-train and --weights go together")
     if args.patients_per_class < 3:

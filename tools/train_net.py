@@ -3,7 +3,8 @@
 
 Examples::
 
-    python tools/train_net.py --config-file configs/CMB-RCNN-R18-FPN-cpu.yaml
+    python tools/train_net.py --config-file configs/CMB-RCNN-Lite-FPN-cpu.yaml
+    python tools/train_net.py --config-file configs/CMB-RCNN-Lite-FPN-cpu.yaml --cpu-procs 2
     python tools/train_net.py --config-file configs/CMB-RCNN-R50-FPN-gpu.yaml --num-gpus 4
     python tools/train_net.py --config-file C --eval-only MODEL.WEIGHTS output/x/model_best.pth
 
@@ -19,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import detection  # noqa: E402,F401  (compat shims before detectron2)
+from detection.distributed import launch_cpu  # noqa: E402
 from detection.engine import Trainer, setup_cfg  # noqa: E402
 
 import detectron2.utils.comm as comm  # noqa: E402
@@ -55,10 +57,30 @@ def main(args):
     return trainer.train()
 
 
+def argument_parser():
+    """Detectron2's default parser plus ``--cpu-procs``."""
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--cpu-procs", type=int, default=1,
+        help="data-parallel training in N single-thread CPU processes (gloo); the batch "
+             "(SOLVER.IMS_PER_BATCH) is split between them. Not with --num-gpus.",
+    )
+    return parser
+
+
 def cli(argv=None):
-    """Parse arguments and launch (one process per GPU with ``--num-gpus``)."""
-    args = default_argument_parser().parse_args(argv)
+    """Parse arguments and launch (one process per GPU with ``--num-gpus``, per CPU
+    share with ``--cpu-procs``)."""
+    parser = argument_parser()
+    args = parser.parse_args(argv)
+    if args.cpu_procs < 1:
+        parser.error(f"--cpu-procs must be >= 1, got {args.cpu_procs}")
+    if args.cpu_procs > 1 and (args.num_gpus > 1 or args.num_machines > 1):
+        parser.error("--cpu-procs runs on this machine's CPU: not with --num-gpus or "
+                     "--num-machines")
     print("Command Line Args:", args)
+    if args.cpu_procs > 1:
+        return launch_cpu(main, args.cpu_procs, args=(args,))
     return launch(
         main,
         args.num_gpus,

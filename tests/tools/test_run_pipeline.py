@@ -176,6 +176,25 @@ def test_cli_rejects_inconsistent_flags(capsys):
     assert "--weights" in capsys.readouterr().err
 
 
+def test_train_procs_reach_train_net_and_the_train_stamp(tmp_path, capsys):
+    args = rp.build_parser().parse_args(["--output", str(tmp_path)])
+    assert args.train_procs == 2
+    demo = rp.Demo(args)
+    assert demo.train_procs() == 2 and demo.train_params()["cpu_procs"] == 2
+    # One process: the stamp is what it was before data-parallel CPU training existed.
+    one = rp.Demo(rp.build_parser().parse_args(["--output", str(tmp_path), "--train-procs",
+                                                "1"]))
+    assert one.train_procs() == 1 and "cpu_procs" not in one.train_params()
+    # A GPU config trains in one process here (--num-gpus is train_net's business).
+    gpu = rp.Demo(rp.build_parser().parse_args(["--output", str(tmp_path), "--",
+                                                "MODEL.DEVICE", "cuda"]))
+    gpu.args.opts = gpu.args.opts[1:]
+    assert gpu.train_procs() == 1
+    with pytest.raises(SystemExit) as e:
+        rp.main(["--train-procs", "0", "--output", str(tmp_path / "never")])
+    assert e.value.code == 2 and "--train-procs" in capsys.readouterr().err
+
+
 def test_mil_config_takes_workers_from_the_run(tmp_path):
     args = rp.build_parser().parse_args(["--output", str(tmp_path), "--workers", "3"])
     cfg = rp.Demo(args).mil_cfg()
