@@ -74,13 +74,19 @@ def launch_cpu(main_func: Callable[..., Any], num_procs: int, args: tuple = (),
         dist_url = f"tcp://127.0.0.1:{free_port()}"
     logger.info("launching %d CPU training processes (%d thread(s) each) at %s",
                 num_procs, threads, dist_url)
-    # Children inherit the environment: one OpenMP thread each unless told otherwise.
+    # Children inherit the environment: one OpenMP thread each unless told otherwise
+    # (this process's environment is left as it was).
+    had_omp = "OMP_NUM_THREADS" in os.environ
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    torch.multiprocessing.start_processes(
-        _cpu_worker, nprocs=num_procs,
-        args=(main_func, num_procs, dist_url, threads, args),
-        daemon=False, start_method="spawn",
-    )
+    try:
+        torch.multiprocessing.start_processes(
+            _cpu_worker, nprocs=num_procs,
+            args=(main_func, num_procs, dist_url, threads, args),
+            daemon=False, start_method="spawn",
+        )
+    finally:
+        if not had_omp:
+            os.environ.pop("OMP_NUM_THREADS", None)
     return None
 
 

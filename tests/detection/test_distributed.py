@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,16 +30,20 @@ def _grad_worker(out_dir: str) -> None:
     x = torch.full((2, 3), float(rank + 1))
     ddp(x).sum().backward()
     info = {"rank": rank, "world": comm.get_world_size(), "local_rank": comm.get_local_rank(),
-            "grad": model.weight.grad.tolist()}
+            "grad": model.weight.grad.tolist(), "threads": torch.get_num_threads(),
+            "omp": os.environ.get("OMP_NUM_THREADS")}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(info))
 
 
-def test_launch_cpu_averages_gradients_over_processes(tmp_path: Path) -> None:
+def test_launch_cpu_averages_gradients_over_processes(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     launch_cpu(_grad_worker, 2, args=(str(tmp_path),))
+    assert "OMP_NUM_THREADS" not in os.environ  # only the children got one thread each
     infos = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [i["rank"] for i in infos] == [0, 1]
     assert [i["local_rank"] for i in infos] == [0, 1]
     assert all(i["world"] == 2 for i in infos)
+    assert all(i["threads"] == 1 and i["omp"] == "1" for i in infos)
     # d/dW sum(W x) over 2 rows = 2 * x; ranks had x = 1 and x = 2: the mean is 3.
     for info in infos:
         np.testing.assert_allclose(info["grad"], [[3.0, 3.0, 3.0]])
