@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                                          for k, v in m["pooled"].items()}))
     logger.info("FROC sensitivity at %s FP/patient: %s", m["froc"]["fp_rates"],
                 [None if v != v else round(v, 3) for v in m["froc"]["sensitivity"]])
+    for row in m["by_reference_size"]:
+        logger.info("reference %-9s n %3d  sensitivity %.3f  lesion Dice %.3f  "
+                    "predicted/reference volume %.2f", row["diameter_mm"], row["n_ref"],
+                    row["sensitivity"], row["lesion_dice"], row["volume_ratio"])
     logger.info("report written to %s", args.output)
     return 0
 

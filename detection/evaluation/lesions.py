@@ -56,6 +56,8 @@ __all__ = [
     "LesionEvalError",
     "PatientEval",
     "CohortEval",
+    "SIZE_BINS_MM",
+    "by_reference_size",
     "reference_instances",
     "lesion_centres",
     "match_lesions",
@@ -165,6 +167,14 @@ class PatientEval:
     froc_com: np.ndarray | None = None
     """Centres (mm) of the candidates FROC sweeps over; None: the predicted lesions."""
     froc_scores: np.ndarray | None = None
+    ref_volume_mm3: np.ndarray | None = None
+    """Volume of each reference lesion (aligned with ``ref_ids``)."""
+    pred_volume_mm3: np.ndarray | None = None
+    """Volume of each predicted lesion (aligned with ``pred_ids``)."""
+
+
+def _or_nan(values: np.ndarray | None, n: int) -> list[float]:
+    return [float("nan")] * n if values is None else [float(v) for v in values]
 
 
 def _ratio(num: float, den: float) -> float:
@@ -261,11 +271,14 @@ def evaluate_patient(
         "ref_voxels": nrv, "pred_voxels": npv,
     }
     score_of = dict(zip(pids.tolist(), sc.tolist()))
+    vox_mm3 = abs(float(np.linalg.det(np.asarray(affine, float)[:3, :3])))
     return PatientEval(
         patient_id=patient_id, metrics=metrics, pred_ids=pid_arr,
         pred_scores=np.array([score_of.get(int(i), 1.0) for i in pid_arr]),
         pred_com=pcom, ref_ids=rid_arr, ref_com=rcom, matches=matches,
-        froc_com=froc_com, froc_scores=froc_scores)
+        froc_com=froc_com, froc_scores=froc_scores,
+        ref_volume_mm3=np.array([rsize[i] * vox_mm3 for i in rid_arr.tolist()], float),
+        pred_volume_mm3=np.array([psize[i] * vox_mm3 for i in pid_arr.tolist()], float))
 
 
 # ============================================================================ agreement
@@ -352,6 +365,51 @@ def froc(cases: Sequence[PatientEval], fp_rates: Sequence[float] = FROC_FP_RATES
     }
 
 
+#: Reference-size bins (equivalent-sphere diameter, mm) of :func:`by_reference_size`.
+SIZE_BINS_MM = (0.0, 3.0, 5.0, 7.0, float("inf"))
+
+
+def by_reference_size(cases: Sequence[PatientEval],
+                      edges_mm: Sequence[float] = SIZE_BINS_MM) -> list[dict[str, Any]]:
+    """Detection and segmentation by reference lesion size: one row per bin of the
+    reference lesion's equivalent-sphere diameter with ``n_ref``, ``sensitivity``
+    (VALDO TP / references), ``lesion_dice`` (mean over the matched) and
+    ``volume_ratio`` (median predicted / reference volume of the matched; < 1 means
+    under-segmentation). A detector that misjudges the bleeds' extent at a new scanner
+    shows it here first."""
+    edges = np.asarray(edges_mm, float)
+    if len(edges) < 2 or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"edges_mm must increase, got {list(edges_mm)}")
+    diam, hit, dice, ratio = [], [], [], []
+    for c in cases:
+        if c.ref_volume_mm3 is None or c.pred_volume_mm3 is None:
+            raise LesionEvalError(f"{c.patient_id}: lesion volumes were not recorded")
+        rvol = dict(zip(c.ref_ids.tolist(), c.ref_volume_mm3.tolist()))
+        pvol = dict(zip(c.pred_ids.tolist(), c.pred_volume_mm3.tolist()))
+        matched = {int(m[1]): m for m in c.matches}
+        for rid in c.ref_ids.tolist():
+            diam.append((6.0 * rvol[rid] / np.pi) ** (1.0 / 3.0))
+            m = matched.get(int(rid))
+            hit.append(m is not None)
+            dice.append(m[3] if m else np.nan)
+            ratio.append(pvol[int(m[0])] / rvol[rid] if m else np.nan)
+    diam_a, hit_a = np.asarray(diam, float), np.asarray(hit, bool)
+    dice_a, ratio_a = np.asarray(dice, float), np.asarray(ratio, float)
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (diam_a >= lo) & (diam_a < hi)
+        n = int(sel.sum())
+        got = sel & hit_a
+        label = f">= {lo:g} mm" if np.isinf(hi) else f"{lo:g}-{hi:g} mm"
+        rows.append({
+            "diameter_mm": label, "n_ref": n,
+            "sensitivity": float(hit_a[sel].mean()) if n else float("nan"),
+            "lesion_dice": float(dice_a[got].mean()) if got.any() else float("nan"),
+            "volume_ratio": float(np.median(ratio_a[got])) if got.any() else float("nan"),
+        })
+    return rows
+
+
 # ============================================================================ cohort
 
 
@@ -405,6 +463,7 @@ def evaluate_cohort(cases: Iterable[PatientEval], *, match_mm: float = 5.0,
             "spearman_rho": rho, "spearman_p": p,
         },
         "froc": fr,
+        "by_reference_size": by_reference_size(cases),
         "study_reference": {"external_test_mean_sd": STUDY_REFERENCE},
         "conventions": {
             "dice_iou": "voxel-wise per patient; empty/empty = 1; mean and SD (ddof=1) "
@@ -418,27 +477,36 @@ def evaluate_cohort(cases: Iterable[PatientEval], *, match_mm: float = 5.0,
             "froc": ("re-matched at each score threshold over all candidates (candidates.csv, "
                      "or the lesions before score_thresh); best sensitivity at <= k FP/patient"),
             "reference_instances": "mask ids if several, else 26-connected components",
+            "by_reference_size": "bins of the reference equivalent-sphere diameter; "
+                                 "sensitivity = VALDO TP / references, lesion Dice and "
+                                 "median predicted/reference volume over the matched",
         },
     }
     mrows = []
     for c in cases:
         matched_p = {m[0]: m for m in c.matches}
         matched_r = {m[1] for m in c.matches}
-        for pid, s, com in zip(c.pred_ids, c.pred_scores, c.pred_com):
+        rvol = dict(zip(c.ref_ids.tolist(), _or_nan(c.ref_volume_mm3, len(c.ref_ids))))
+        pvol = _or_nan(c.pred_volume_mm3, len(c.pred_ids))
+        for pid, s, com, pv in zip(c.pred_ids, c.pred_scores, c.pred_com, pvol):
             m = matched_p.get(int(pid))
             mrows.append({"patient_id": c.patient_id, "pred_id": int(pid),
                           "ref_id": m[1] if m else 0, "status": "TP" if m else "FP",
                           "score": float(s), "distance_mm": m[2] if m else np.nan,
                           "lesion_dice": m[3] if m else np.nan,
+                          "pred_volume_mm3": pv,
+                          "ref_volume_mm3": rvol[int(m[1])] if m else np.nan,
                           "x_mm": com[0], "y_mm": com[1], "z_mm": com[2]})
         for rid, com in zip(c.ref_ids, c.ref_com):
             if int(rid) not in matched_r:
                 mrows.append({"patient_id": c.patient_id, "pred_id": 0, "ref_id": int(rid),
                               "status": "FN", "score": np.nan, "distance_mm": np.nan,
-                              "lesion_dice": np.nan,
+                              "lesion_dice": np.nan, "pred_volume_mm3": np.nan,
+                              "ref_volume_mm3": rvol[int(rid)],
                               "x_mm": com[0], "y_mm": com[1], "z_mm": com[2]})
     matches = pd.DataFrame(mrows, columns=["patient_id", "pred_id", "ref_id", "status", "score",
-                                           "distance_mm", "lesion_dice", "x_mm", "y_mm", "z_mm"])
+                                           "distance_mm", "lesion_dice", "pred_volume_mm3",
+                                           "ref_volume_mm3", "x_mm", "y_mm", "z_mm"])
     return CohortEval(per_patient=pp, metrics=metrics, matches=matches, cases=cases)
 
 

@@ -284,3 +284,33 @@ def test_tool_errors_name_the_file(cohort, caplog):
     _save(root / "pred" / "P2" / "cmb_pred.nii.gz", np.zeros(SHAPE, np.int32), shifted)
     with pytest.raises(E.LesionEvalError, match=r"grid mismatch .*P2/cmb_pred\.nii\.gz"):
         E.evaluate_prediction_dir(root / "pred", root / "manifest.csv")
+
+
+def test_by_reference_size_shows_a_missed_small_and_an_undersegmented_large_lesion():
+    aff = np.diag([0.5, 0.5, 2.0, 1.0])  # 0.5 mm3 voxels
+    ref = np.zeros(SHAPE, np.int32)
+    cube(ref, (5, 5, 5), 2, 1)  # 8 voxels = 4 mm3: diameter 1.97 mm
+    cube(ref, (20, 20, 8), 8, 2)  # 512 voxels = 256 mm3: diameter 7.9 mm
+    pred = np.zeros(SHAPE, np.int32)
+    pred[20:28, 20:28, 10:12] = 1  # the large lesion's middle quarter
+    res = E.evaluate_patient(pred, ref, aff)
+    np.testing.assert_allclose(res.ref_volume_mm3, [4.0, 256.0])
+    np.testing.assert_allclose(res.pred_volume_mm3, [64.0])
+    rows = {r["diameter_mm"]: r for r in E.by_reference_size([res])}
+    assert list(rows) == ["0-3 mm", "3-5 mm", "5-7 mm", ">= 7 mm"]
+    small, large = rows["0-3 mm"], rows[">= 7 mm"]
+    assert (small["n_ref"], small["sensitivity"]) == (1, 0.0)
+    assert np.isnan(small["lesion_dice"]) and np.isnan(small["volume_ratio"])
+    assert (large["n_ref"], large["sensitivity"]) == (1, 1.0)
+    assert large["volume_ratio"] == pytest.approx(0.25)
+    assert large["lesion_dice"] == pytest.approx(2 * 128 / (512 + 128))
+    assert rows["3-5 mm"]["n_ref"] == 0 and np.isnan(rows["3-5 mm"]["sensitivity"])
+    cohort = E.evaluate_cohort([res])
+    pd.testing.assert_frame_equal(pd.DataFrame(cohort.metrics["by_reference_size"]),
+                                  pd.DataFrame(E.by_reference_size([res])))
+    fn = cohort.matches[cohort.matches.status == "FN"].iloc[0]
+    assert fn.ref_volume_mm3 == pytest.approx(4.0) and np.isnan(fn.pred_volume_mm3)
+    tp = cohort.matches[cohort.matches.status == "TP"].iloc[0]
+    assert (tp.pred_volume_mm3, tp.ref_volume_mm3) == (64.0, 256.0)
+    with pytest.raises(ValueError, match="increase"):
+        E.by_reference_size([res], edges_mm=(0.0, 5.0, 3.0))
