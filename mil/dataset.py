@@ -269,6 +269,13 @@ class BagDataset(Dataset):
     r, and the summary features are recomputed on what is kept. A bag may be emptied:
     a new scanner's detector finds nothing in many patients with one or two bleeds, and
     in-fold development bags are never empty, so empty bags must be seen in training.
+
+    ``instance_injection`` q > 0 (training only) imitates a detector's false positives at
+    an unseen scanner: with probability q per draw, 1 to ``max_injected`` lesions taken
+    at random from *other* training bags (any class) are added to the bag, and the
+    summary features are recomputed on the result. The bag keeps its label, so one
+    stray deep or lobar finding must not flip the call: at a new centre the external
+    errors were bags of 1-3 detections in which one false positive decided the class.
     """
 
     def __init__(
@@ -278,9 +285,17 @@ class BagDataset(Dataset):
         max_instances: int | None = None,
         seed: int = 0,
         instance_dropout: float = 0.0,
+        instance_injection: float = 0.0,
+        max_injected: int = 2,
     ) -> None:
         if not 0.0 <= instance_dropout < 1.0:
             raise ValueError(f"instance_dropout must be in [0, 1), got {instance_dropout}")
+        if not 0.0 <= instance_injection <= 1.0:
+            raise ValueError(f"instance_injection must be in [0, 1], got {instance_injection}")
+        if int(max_injected) < 1:
+            raise ValueError(f"max_injected must be >= 1, got {max_injected}")
+        self.instance_injection = float(instance_injection)
+        self.max_injected = int(max_injected)
         self.bags = list(bags)
         self.spec = spec
         self.max_instances = max_instances
@@ -299,6 +314,36 @@ class BagDataset(Dataset):
                 )
         self._summary = [summary_features(pb, spec.summary_names) for pb in self.bags]
         self._feats = [instance_features(pb.bag, spec) for pb in self.bags]
+        # (bag, instance) pairs that can be injected into another bag
+        self._donors = np.array([(b, r) for b, pb in enumerate(self.bags)
+                                 for r in range(pb.bag.n_instances)], dtype=np.int64)
+
+    def _inject(self, i: int, idx: np.ndarray) -> tuple[Bag, np.ndarray] | None:
+        """Bag ``i`` restricted to ``idx`` plus 1..max_injected lesions of other bags, and
+        its instance feature rows; None when no other bag has a lesion."""
+        pool = self._donors[self._donors[:, 0] != i] if len(self._donors) else self._donors
+        if not len(pool):
+            return None
+        k = int(self._rng.integers(1, self.max_injected + 1))
+        picks = pool[self._rng.choice(len(pool), size=min(k, len(pool)), replace=False)]
+        bag = self.bags[i].bag
+        rows = [bag.features[idx]]
+        crops = [bag.crops[idx]] if self.spec.use_crops else []
+        feats = [self._feats[i][idx]]
+        for b, r in picks:
+            donor = self.bags[int(b)].bag
+            rows.append(donor.select_features(bag.feature_names)[int(r)][None])
+            feats.append(self._feats[int(b)][int(r)][None])
+            if self.spec.use_crops:
+                crops.append(donor.crops[int(r)][None])
+        merged = Bag(
+            patient_id=bag.patient_id,
+            crops=np.concatenate(crops) if crops else bag.crops[:0],
+            features=np.concatenate(rows).astype(np.float32, copy=False),
+            feature_names=bag.feature_names,
+            lesion_ids=np.zeros(sum(len(x) for x in rows), dtype=np.int64),
+        )
+        return merged, np.concatenate(feats)
 
     def __len__(self) -> int:
         return len(self.bags)
@@ -312,16 +357,25 @@ class BagDataset(Dataset):
             rate = self._rng.uniform(1.0 - self.instance_dropout, 1.0)
             idx = idx[self._rng.random(n) < rate]
             summary = summary_features(pb, self.spec.summary_names, idx)
+        bag, feats = pb.bag, self._feats[i]
+        if self.instance_injection > 0 and self._rng.random() < self.instance_injection:
+            injected = self._inject(i, idx)
+            if injected is not None:
+                bag, feats = injected
+                idx = np.arange(bag.n_instances)
+                summary = summary_features(
+                    PatientBag(pb.patient_id, pb.center, pb.label, pb.age, bag),
+                    self.spec.summary_names)
         if self.max_instances is not None and len(idx) > self.max_instances:
             idx = np.sort(self._rng.choice(idx, self.max_instances, replace=False))
         s = self.spec
         if s.use_crops:
-            crops = torch.from_numpy(np.ascontiguousarray(pb.bag.crops[idx]))
+            crops = torch.from_numpy(np.ascontiguousarray(bag.crops[idx]))
         else:
             crops = torch.zeros((len(idx), s.crop_channels, 0, 0))
         return {
             "crops": crops,
-            "feats": torch.from_numpy(self._feats[i][idx]),
+            "feats": torch.from_numpy(np.ascontiguousarray(feats[idx])),
             "summary": torch.from_numpy(summary),
             "label": torch.tensor(pb.label, dtype=torch.long),
             "index": torch.tensor(i, dtype=torch.long),

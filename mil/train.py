@@ -114,6 +114,10 @@ class MILConfig:
     # Training-time lesion dropout: keep rate drawn from [1 - p, 1] per draw (0 = off);
     # a detector at a new scanner finds fewer lesions than in its own training centres.
     instance_dropout: float = 0.0
+    # Training-time false positives: with this probability per draw, 1..max_injected
+    # lesions of other training bags are added to the bag (0 = off; mil.dataset.BagDataset).
+    instance_injection: float = 0.0
+    max_injected: int = 2
     # Seed ensemble: each fold model and the final model is the mean of this many
     # members trained alike (member m: seed + 1000 m, its own inner split and epochs).
     ensemble_size: int = 1
@@ -240,7 +244,8 @@ def fit_model(
     model = GatedAttentionMIL(spec, ModelParams(**cfg.model))
     model.set_normalisation(fit_normalisation(train, spec))
     loader = _loader(
-        BagDataset(train, spec, cfg.max_instances, seed, cfg.instance_dropout),
+        BagDataset(train, spec, cfg.max_instances, seed, cfg.instance_dropout,
+                   cfg.instance_injection, cfg.max_injected),
         cfg.batch_size, True, seed,
     )
     val_loader = (

@@ -222,6 +222,41 @@ def test_instance_dropout_recomputes_summary_on_kept_lesions() -> None:
         BagDataset(bags, spec, instance_dropout=1.0)
 
 
+def test_instance_injection_adds_lesions_of_other_bags_and_recounts() -> None:
+    bags = _bags(9)
+    spec = fit_spec(bags)
+    plain = BagDataset(bags, spec)
+    inj = BagDataset(bags, spec, seed=1, instance_injection=1.0, max_injected=2)
+    k = spec.summary_names.index("log_n")
+    own = {i: plain[i]["feats"].numpy() for i in range(len(bags))}
+    others = {i: np.concatenate([own[j] for j in own if j != i]) for i in own}
+    added = []
+    for i, pb in enumerate(bags):
+        n = pb.bag.n_instances
+        for _ in range(4):
+            item = inj[i]
+            feats = item["feats"].numpy()
+            m = feats.shape[0] - n
+            assert 1 <= m <= 2
+            assert item["label"].item() == pb.label  # the bag keeps its label
+            np.testing.assert_array_equal(feats[:n], own[i])  # its own lesions first
+            for row in feats[n:]:  # each added lesion is a lesion of another bag
+                assert np.isclose(others[i], row).all(axis=1).any()
+            assert item["crops"].shape[0] == feats.shape[0]
+            assert item["summary"][k].item() == pytest.approx(np.log1p(n + m), abs=1e-6)
+            added.append(m)
+    assert set(added) == {1, 2}
+    # q = 0 leaves the bags alone; a single bag has nothing to borrow from
+    off = BagDataset(bags, spec, seed=1, instance_injection=0.0)
+    assert all(off[i]["feats"].shape[0] == pb.bag.n_instances for i, pb in enumerate(bags))
+    alone = BagDataset(bags[:1], fit_spec(bags[:1]), seed=0, instance_injection=1.0)
+    assert alone[0]["feats"].shape[0] == bags[0].bag.n_instances
+    with pytest.raises(ValueError, match="instance_injection"):
+        BagDataset(bags, spec, instance_injection=1.5)
+    with pytest.raises(ValueError, match="max_injected"):
+        BagDataset(bags, spec, instance_injection=0.5, max_injected=0)
+
+
 def test_mean_score_summary_follows_the_score_feature() -> None:
     bags = _bags()
     assert all(pb.bag.has_feature("score") for pb in bags)
