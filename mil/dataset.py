@@ -332,7 +332,8 @@ class BagDataset(Dataset):
         feats = [self._feats[i][idx]]
         for b, r in picks:
             donor = self.bags[int(b)].bag
-            rows.append(donor.select_features(bag.feature_names)[int(r)][None])
+            cols = [donor.feature_names.index(n) for n in bag.feature_names]
+            rows.append(donor.features[int(r), cols][None])
             feats.append(self._feats[int(b)][int(r)][None])
             if self.spec.use_crops:
                 crops.append(donor.crops[int(r)][None])

@@ -173,10 +173,6 @@ class PatientEval:
     """Volume of each predicted lesion (aligned with ``pred_ids``)."""
 
 
-def _or_nan(values: np.ndarray | None, n: int) -> list[float]:
-    return [float("nan")] * n if values is None else [float(v) for v in values]
-
-
 def _ratio(num: float, den: float) -> float:
     return float(num / den) if den > 0 else float("nan")
 
@@ -486,9 +482,10 @@ def evaluate_cohort(cases: Iterable[PatientEval], *, match_mm: float = 5.0,
     for c in cases:
         matched_p = {m[0]: m for m in c.matches}
         matched_r = {m[1] for m in c.matches}
-        rvol = dict(zip(c.ref_ids.tolist(), _or_nan(c.ref_volume_mm3, len(c.ref_ids))))
-        pvol = _or_nan(c.pred_volume_mm3, len(c.pred_ids))
-        for pid, s, com, pv in zip(c.pred_ids, c.pred_scores, c.pred_com, pvol):
+        # volumes are present: by_reference_size above raised otherwise
+        rvol = dict(zip(c.ref_ids.tolist(), c.ref_volume_mm3.tolist()))
+        for pid, s, com, pv in zip(c.pred_ids, c.pred_scores, c.pred_com,
+                                   c.pred_volume_mm3.tolist()):
             m = matched_p.get(int(pid))
             mrows.append({"patient_id": c.patient_id, "pred_id": int(pid),
                           "ref_id": m[1] if m else 0, "status": "TP" if m else "FP",
