@@ -62,6 +62,7 @@ __all__ = [
     "mni_template_path",
     "normalised_positions",
     "plot_froc_curves",
+    "size_table_rows",
     "plot_glass_brain",
     "update_stage_timings",
     "write_json_atomic",
@@ -210,7 +211,25 @@ def detection_summary(metrics: Mapping[str, Any] | None) -> dict[str, Any] | Non
         "froc": {"fp_rates": rates, "sensitivity": sens,
                  "mean_sensitivity": _num(fr.get("mean_sensitivity"))},
         "sensitivity_at_1fp": _num(at.get(1.0)),
+        "by_reference_size": [dict(r) for r in metrics.get("by_reference_size", [])],
     }
+
+
+def size_table_rows(*metrics: Mapping[str, Any] | None) -> list[tuple[str, ...]]:
+    """Rows of the by-size table from lesion-metrics ``metrics.json`` contents (their
+    ``by_reference_size``), one column per metrics; empty when none has one."""
+    tables = [(m or {}).get("by_reference_size") or [] for m in metrics]
+    labels = next((([r["diameter_mm"] for r in t]) for t in tables if t), [])
+    rows = []
+    for n, label in enumerate(labels):
+        cells = []
+        for t in tables:
+            r = t[n] if n < len(t) and t[n]["diameter_mm"] == label else None
+            cells.append("n/a" if r is None else
+                         f"{r['n_ref']}: {_f(r['sensitivity'])} / {_f(r['lesion_dice'])} / "
+                         f"{_f(r['volume_ratio'], 2)}")
+        rows.append((label, *cells))
+    return rows
 
 
 def coco_ap(train_dir: str | os.PathLike) -> dict[str, float] | None:
@@ -859,6 +878,13 @@ def _markdown(layout: RunLayout, m: Mapping[str, Any], det_ext, det_dev, coco, c
         add("\nFROC, external: sensitivity at "
             + ", ".join(f"{r:g}: {_f(s)}" for r, s in zip(fr["fp_rates"], fr["sensitivity"]))
             + " FP/patient.")
+    size_rows = size_table_rows(det_ext, det_dev)
+    if size_rows:
+        add("\nBy reference bleed size (equivalent-sphere diameter): bleeds, sensitivity "
+            "(VALDO), lesion Dice and median predicted / reference volume of the matched. "
+            "A ratio under 1 means the detector draws those bleeds too small.\n")
+        add(_table(("reference diameter", f"external {ext_c}", "development (in-fold)"),
+                   size_rows))
     if coco:
         add(f"\nCOCO (slice level, Detectron2 evaluation of the final model on the external "
             f"slices): segm AP {_f(coco.get('segm_ap'))}, segm AP50 {_f(coco.get('segm_ap50'))}, "

@@ -140,6 +140,20 @@ def test_build_report_writes_tables_figures_and_strict_json(run):
         assert f"]({rel})" in text
     overlays = m["figures"]["overlays"]
     assert len(overlays) == 2 and all((run.root / p).is_file() for p in overlays)
+    # the by-size table: C's 7 bleeds (one missed in C_002) and A's 5, all found
+    ext_sizes = _strict(run.lesion_split("external") / "metrics.json")["by_reference_size"]
+    dev_sizes = _strict(run.lesion_split("development") / "metrics.json")["by_reference_size"]
+    rows = R.size_table_rows(
+        {"by_reference_size": ext_sizes}, {"by_reference_size": dev_sizes})
+    assert [r[0] for r in rows] == [r["diameter_mm"] for r in ext_sizes]
+    filled = [(e, d) for e, d in zip(ext_sizes, dev_sizes) if e["n_ref"]]
+    assert [(e["n_ref"], d["n_ref"]) for e, d in filled] == [(7, 5)]
+    assert filled[0][0]["sensitivity"] == pytest.approx(6 / 7)
+    assert filled[0][1]["volume_ratio"] == pytest.approx(1.0)
+    row = next(r for r in rows if r[0] == filled[0][0]["diameter_mm"])
+    assert row[1] == "7: 0.857 / 1.000 / 1.00" and row[2] == "5: 1.000 / 1.000 / 1.00"
+    assert "By reference bleed size" in text and "| " + " | ".join(row) + " |" in text
+    assert R.size_table_rows(None, {}) == []
     on_disk = _strict(run.metrics)
     assert on_disk["stages"][0]["stage"] == "cohort"
     assert on_disk["study_reference"]["classification_external"]["auc_weighted"]["value"] == 0.908
