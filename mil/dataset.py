@@ -353,20 +353,20 @@ class BagDataset(Dataset):
         pb = self.bags[i]
         n = pb.bag.n_instances
         idx = np.arange(n)
-        summary = self._summary[i]
+        bag, feats, summary = pb.bag, self._feats[i], self._summary[i]
+        altered: PatientBag | None = None  # the bag whose summary must be recomputed
         if self.instance_dropout > 0 and n:
             rate = self._rng.uniform(1.0 - self.instance_dropout, 1.0)
             idx = idx[self._rng.random(n) < rate]
-            summary = summary_features(pb, self.spec.summary_names, idx)
-        bag, feats = pb.bag, self._feats[i]
+            altered = pb
         if self.instance_injection > 0 and self._rng.random() < self.instance_injection:
             injected = self._inject(i, idx)
             if injected is not None:
                 bag, feats = injected
                 idx = np.arange(bag.n_instances)
-                summary = summary_features(
-                    PatientBag(pb.patient_id, pb.center, pb.label, pb.age, bag),
-                    self.spec.summary_names)
+                altered = PatientBag(pb.patient_id, pb.center, pb.label, pb.age, bag)
+        if altered is not None:
+            summary = summary_features(altered, self.spec.summary_names, idx)
         if self.max_instances is not None and len(idx) > self.max_instances:
             idx = np.sort(self._rng.choice(idx, self.max_instances, replace=False))
         s = self.spec
