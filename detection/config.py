@@ -77,6 +77,11 @@ def add_cmb_config(cfg: CN) -> None:
 
     # Training bookkeeping.
     _C.CMB.BEST_METRIC = "segm/AP50"  # metric the best-checkpoint hook maximises
+    # COCO evaluation of slices: fuse each slice's instances whose masks overlap (union
+    # mask and box, max score), as the volume predictor unites them into one lesion;
+    # the model's raw instances are evaluated too, reported as bbox_raw / segm_raw
+    # (detection/evaluation/slices.py). False: the raw instances only, as bbox / segm.
+    _C.CMB.EVAL_FUSE_OVERLAPS = True
 
     # Volume inference and 3D lesion merging (detection/inference.py).
     _C.CMB.INFER = CN()

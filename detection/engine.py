@@ -4,8 +4,10 @@
   applies augmentation suited to SWI: left-right flips, small rotations and rescales,
   intensity / contrast jitter, and crops that keep a lesion in view.
 - :class:`Trainer` overrides ``build_evaluator`` (COCOEvaluator without the C++
-  fast implementation, which the registry build lacks), ``build_train_loader`` (the
-  mapper above plus oversampling of slices that contain CMBs), ``build_test_loader``
+  fast implementation, which the registry build lacks, on slice instances with
+  overlapping ones fused and as the model gives them; :mod:`.evaluation.slices`),
+  ``build_train_loader`` (the mapper above plus oversampling of slices that contain
+  CMBs), ``build_test_loader``
   (the same mapper, for the test-time ``CMB.INFER.ZOOM``) and adds a hook that
   keeps the best checkpoint by ``cfg.CMB.BEST_METRIC`` (segm AP50 by default).
 - :func:`setup_cfg` builds the config the way every tool here does.
@@ -32,13 +34,14 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.data.samplers import RepeatFactorTrainingSampler
 from detectron2.engine import DefaultTrainer, hooks
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import DatasetEvaluators
 from detectron2.structures import BitMasks, BoxMode
 from detectron2.utils import comm
 
 from .compat import fill_empty_extension
 from .config import add_cmb_config, inference_zoom
 from .distributed import ddp_for
+from .evaluation.slices import build_slice_evaluators
 
 logger = logging.getLogger(__name__)
 
@@ -655,16 +658,16 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
-        """COCO bbox + segm evaluation, pure-Python COCOeval (no C++ extension here)."""
+        """COCO bbox + segm evaluation (pure-Python COCOeval, no C++ extension here) of
+        the slice instances with overlapping ones fused (``bbox`` / ``segm``) and as the
+        model gives them (``bbox_raw`` / ``segm_raw``, in ``<folder>/raw``); the raw ones
+        alone, as ``bbox`` / ``segm``, when ``CMB.EVAL_FUSE_OVERLAPS`` is off
+        (:mod:`detection.evaluation.slices`)."""
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(
-            dataset_name,
-            tasks=("bbox", "segm"),
-            distributed=True,
-            output_dir=output_folder,
-            use_fast_impl=False,
-        )
+        evaluators = build_slice_evaluators(dataset_name, output_folder,
+                                            fuse=bool(cfg.CMB.EVAL_FUSE_OVERLAPS))
+        return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):

@@ -148,6 +148,7 @@ def test_instant_config_trains_then_eval_only_reloads(tiny_dataset: str, tmp_pat
     assert (out_dir / "model_best.pth").is_file()  # BestCheckpointer ran after EvalHook
     metrics = [json.loads(line) for line in (out_dir / "metrics.json").read_text().splitlines()]
     assert any("segm/AP50" in m for m in metrics)
+    assert any("segm_raw/AP50" in m for m in metrics)  # the unfused instances beside them
     assert any("total_loss" in m and np.isfinite(m["total_loss"]) for m in metrics)
 
     eval_args = train_net.default_argument_parser().parse_args(
@@ -155,7 +156,8 @@ def test_instant_config_trains_then_eval_only_reloads(tiny_dataset: str, tmp_pat
     )
     res = train_net.main(eval_args)
     # One test dataset: Trainer.test returns its results directly.
-    assert set(res) >= {"bbox", "segm"}
+    assert set(res) >= {"bbox", "segm", "bbox_raw", "segm_raw"}
+    assert (out_dir / "inference" / tiny_dataset / "raw" / "coco_instances_results.json").is_file()
     ap50 = res["segm"]["AP50"]
     assert np.isnan(ap50) or 0.0 <= ap50 <= 100.0
 

@@ -110,7 +110,8 @@ def run(tmp_path_factory) -> R.RunLayout:
     (L.train / "metrics.json").write_text(
         json.dumps({"iteration": 9, "total_loss": 1.0}) + "\n"
         + json.dumps({"iteration": 19, "segm/AP50": 61.5, "segm/AP": 30.0, "bbox/AP50": 55.0,
-                      "bbox/AP": 20.0}) + "\n")
+                      "bbox/AP": 20.0, "segm_raw/AP50": 41.5, "segm_raw/AP": 20.0,
+                      "bbox_raw/AP50": 35.0, "bbox_raw/AP": 10.0}) + "\n")
     return L
 
 
@@ -130,9 +131,12 @@ def test_build_report_writes_tables_figures_and_strict_json(run):
     assert ext["recall"]["mean"] == pytest.approx(0.875)
     assert ext["n_patients"] == 4 and m["detection"]["development_in_fold"]["n_patients"] == 3
     assert m["detection"]["coco_ap"]["segm_ap50"] == pytest.approx(0.615)
+    assert m["detection"]["coco_ap"]["segm_ap50_raw"] == pytest.approx(0.415)
+    assert "segm AP50 0.415" in text  # the unfused figure beside the fused one
     assert m["classification"]["external"]["model"]["accuracy"]["value"] == pytest.approx(1.0)
     checks = {c["check"]: c["passed"] for c in m["acceptance"]}
-    assert checks["MIL accuracy"] is True and checks["COCO segm AP50 (external slices)"] is True
+    assert checks["MIL accuracy"] is True
+    assert checks["COCO segm AP50 (external slices, overlaps fused)"] is True
     assert checks["MIL better than the rule-based baseline"] is True
     for rel in ("figures/froc.png", "figures/roc_external.png", "figures/confusion_external.png",
                 "figures/glass_brain_detected.png", "figures/glass_brain_reference.png"):
