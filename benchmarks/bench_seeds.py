@@ -141,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = list(pool.map(lambda s: one_seed(s, args, ext_manifest), args.seeds))
     keys = ["dice_mean", "recall_mean", "fp_per_patient", "froc_sensitivity_at_1fp"]
     spread = {k: [r["lesions_external"][k] for r in rows] for k in keys}
+    # "segm": overlapping slice instances fused (CMB.EVAL_FUSE_OVERLAPS); "segm_raw": as
+    # the model gives them (absent from logs of runs before the fused evaluation).
     spread["segm_AP50"] = [r["coco_external"].get("segm", {}).get("AP50") for r in rows]
+    spread["segm_AP50_raw"] = [r["coco_external"].get("segm_raw", {}).get("AP50") for r in rows]
     result = {
         "benchmark": "seed stability of the detector config, external centre",
         "config": args.config_file, "opts": args.opts, "center": args.center,
