@@ -251,13 +251,13 @@ def coco_ap(train_dir: str | os.PathLike) -> dict[str, float] | None:
     if last is None:
         return None
     out = {"iteration": int(last.get("iteration", -1))}
-    for task in ("bbox", "segm", "bbox_raw", "segm_raw"):
-        if task.endswith("_raw") and f"{task}/AP50" not in last:
+    for suffix in ("", "_raw"):
+        if suffix and f"segm{suffix}/AP50" not in last:
             continue
-        for k in ("AP", "AP50", "AP75"):
-            v = _num(last.get(f"{task}/{k}"))
-            key = f"{task.removesuffix('_raw')}_{k.lower()}" + ("_raw" if "_raw" in task else "")
-            out[key] = v / 100.0 if math.isfinite(v) else v
+        for task in ("bbox", "segm"):
+            for k in ("AP", "AP50", "AP75"):
+                v = _num(last.get(f"{task}{suffix}/{k}"))
+                out[f"{task}_{k.lower()}{suffix}"] = v / 100.0 if math.isfinite(v) else v
     return out
 
 

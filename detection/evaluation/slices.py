@@ -21,7 +21,6 @@ they are and reports them under ``bbox_raw`` / ``segm_raw``, so both appear in
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import OrderedDict
 
@@ -38,8 +37,6 @@ __all__ = [
     "build_slice_evaluators",
 ]
 
-logger = logging.getLogger(__name__)
-
 
 def overlap_groups(masks: np.ndarray, boxes: np.ndarray,
                    classes: np.ndarray | None = None) -> list[list[int]]:
@@ -50,6 +47,8 @@ def overlap_groups(masks: np.ndarray, boxes: np.ndarray,
     their smallest index.
     """
     n = len(masks)
+    if n == 0:
+        return []
     parent = list(range(n))
 
     def find(a: int) -> int:
@@ -60,11 +59,11 @@ def overlap_groups(masks: np.ndarray, boxes: np.ndarray,
 
     # Integer pixel spans of the boxes, padded by one: a mask can spill a pixel past its
     # float box after rounding; the mask test below decides.
-    h, w = masks.shape[1:] if n else (0, 0)
-    x0 = np.clip(np.floor(boxes[:, 0]).astype(int) - 1, 0, w) if n else np.zeros(0, int)
-    y0 = np.clip(np.floor(boxes[:, 1]).astype(int) - 1, 0, h) if n else np.zeros(0, int)
-    x1 = np.clip(np.ceil(boxes[:, 2]).astype(int) + 1, 0, w) if n else np.zeros(0, int)
-    y1 = np.clip(np.ceil(boxes[:, 3]).astype(int) + 1, 0, h) if n else np.zeros(0, int)
+    h, w = masks.shape[1:]
+    x0 = np.clip(np.floor(boxes[:, 0]).astype(int) - 1, 0, w)
+    y0 = np.clip(np.floor(boxes[:, 1]).astype(int) - 1, 0, h)
+    x1 = np.clip(np.ceil(boxes[:, 2]).astype(int) + 1, 0, w)
+    y1 = np.clip(np.ceil(boxes[:, 3]).astype(int) + 1, 0, h)
     for i in range(n):
         for j in range(i + 1, n):
             if classes is not None and classes[i] != classes[j]:

@@ -52,6 +52,7 @@ def test_overlap_groups_follow_chains_and_respect_classes() -> None:
     f, g = rect(10, 10, 12, 20), rect(13, 10, 15, 20)
     both = np.stack([f, g])
     assert overlap_groups(both, np.array([[10, 10, 20, 15]] * 2, np.float32)) == [[0], [1]]
+    assert overlap_groups(np.zeros((0, H, W), bool), np.zeros((0, 4), np.float32)) == []
 
 
 def test_fusion_unions_masks_and_boxes_and_keeps_the_top_score_and_class() -> None:
