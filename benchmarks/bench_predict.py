@@ -5,8 +5,9 @@ Baseline: Detectron2's ``DefaultPredictor`` on every slice of the volume, one sl
 time, with its full-image mask pasting; its slice detections go through the same 3D
 merging, rejection and lesion table. Candidate: ``VolumePredictor`` (brain slices only,
 batched, masks pasted inside their boxes). Both include loading and preparing the
-volume. The detections are compared: lesion counts, lesion centres and the voxel Dice
-between the two label volumes. Both run on one thread (``OMP_NUM_THREADS=1``).
+volume, both without the mirrored test-time pass (``CMB.INFER.TTA_HFLIP`` is forced
+off: the baseline has none). The detections are compared: lesion counts, lesion centres
+and the voxel Dice between the two label volumes. Both run on one thread (``OMP_NUM_THREADS=1``).
 
 With ``--workers N`` the candidate also runs the same patients the way
 ``tools/predict.py`` / ``tools/run_pipeline.py`` run a cohort: N single-thread processes,
@@ -114,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="benchmarks/results/predict.json")
     args = p.parse_args(argv)
 
+    # One pass per slice on both sides (the baseline has no mirrored pass): the flip
+    # test-time augmentation of the CPU config doubles the model time of any predictor.
     cfg = setup_cfg(args.config_file, ["MODEL.DEVICE", args.device,
-                                       "MODEL.WEIGHTS", args.weights])
+                                       "MODEL.WEIGHTS", args.weights,
+                                       "CMB.INFER.TTA_HFLIP", "False"])
     cohort = read_cohort(args.manifest)
     if args.center:
         cohort = cohort[cohort["center"] == args.center]
