@@ -78,13 +78,17 @@ class Bag:
             ) from exc
         return self.features[:, j]
 
-    def select_features(self, names: Sequence[str]) -> np.ndarray:
-        """Feature matrix [N, len(names)] with the columns in the order of ``names``."""
+    def select_features(self, names: Sequence[str],
+                        rows: Sequence[int] | None = None) -> np.ndarray:
+        """Feature matrix [N, len(names)] with the columns in the order of ``names``; only
+        the instances ``rows`` (in that order) when given, without copying the rest."""
         missing = [n for n in names if n not in self.feature_names]
         if missing:
             raise KeyError(f"bag {self.patient_id!r} lacks feature column(s) {missing}")
         idx = [self.feature_names.index(n) for n in names]
-        return self.features[:, idx]
+        if rows is None:
+            return self.features[:, idx]
+        return self.features[np.ix_(np.asarray(rows, dtype=np.intp), idx)]
 
 
 def _validate(

@@ -332,8 +332,7 @@ class BagDataset(Dataset):
         feats = [self._feats[i][idx]]
         for b, r in picks:
             donor = self.bags[int(b)].bag
-            cols = [donor.feature_names.index(n) for n in bag.feature_names]
-            rows.append(donor.features[int(r), cols][None])
+            rows.append(donor.select_features(bag.feature_names, rows=[int(r)]))
             feats.append(self._feats[int(b)][int(r)][None])
             if self.spec.use_crops:
                 crops.append(donor.crops[int(r)][None])

@@ -42,6 +42,10 @@ def test_round_trip(tmp_path: Path, n: int) -> None:
     np.testing.assert_array_equal(
         bag.select_features(["diameter_mm", "score"]), b["features"][:, [2, 0]]
     )
+    rows = [n - 1, 0] if n else []  # chosen instances only, in the order asked
+    np.testing.assert_array_equal(
+        bag.select_features(["diameter_mm", "score"], rows=rows), b["features"][rows][:, [2, 0]]
+    )
     # Loadable with plain numpy and no pickle.
     with np.load(path, allow_pickle=False) as z:
         assert set(z.files) == {"crops", "features", "feature_names", "lesion_ids", "patient_id"}
