@@ -13,8 +13,9 @@ lesions with :func:`detection.lesions.merge_slice_instances` (10-connectivity: 8
 2 through-plane; same-slice overlaps unioned; lesion score = max instance score),
 optionally fused with a mirrored pass (``CMB.INFER.TTA_HFLIP``, :func:`fuse_flip_instances`),
 filtered by :func:`detection.lesions.reject_implausible` (``CMB.INFER.MAX_SLICES``,
-``MAX_DIAMETER_MM``, ``MAX_ELONGATION``, and ``MIN_BRAIN_FRACTION`` of the lesion's voxels
-inside the brain mask) and described by
+``MAX_DIAMETER_MM``, ``MAX_ELONGATION``, ``MIN_BRAIN_FRACTION`` of the lesion's voxels
+inside the brain mask, and ``MIN_PARENCHYMA_SURROUND`` of the ring ``SURROUND_RING_MM``
+around it that is brain parenchyma) and described by
 :func:`detection.lesions.lesion_table` with a MARS-style region.
 
 Outputs per patient (DESIGN.md contract 3): ``cmb_pred.nii.gz`` (instance ids on the input
@@ -342,6 +343,8 @@ class VolumePredictor:
             max_diameter_mm=float(infer.MAX_DIAMETER_MM),
             max_elongation=float(infer.MAX_ELONGATION),
             brain_mask=brain_ras, min_brain_fraction=float(infer.MIN_BRAIN_FRACTION),
+            image=volume.data, min_parenchyma_surround=float(infer.MIN_PARENCHYMA_SURROUND),
+            surround_ring_mm=tuple(float(r) for r in infer.SURROUND_RING_MM),
         )
         table = lesion_table(rej.lesions.labels, volume.affine, rej.lesions, brain_ras,
                              self.region_fn, patient_id=patient_id)

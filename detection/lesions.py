@@ -33,7 +33,12 @@ Rules (stated once, used everywhere)
   ``min_brain_fraction`` (0.5) of its voxels inside the mask is rejected as
   ``outside brain``: CMBs lie in the parenchyma, and the dark gap between the brain and
   the scalp (CSF, bone) is where a slice detector fires on a scanner it was not trained
-  on.
+  on. With the SWI too, a candidate is rejected as ``not surrounded by parenchyma``
+  when less than ``min_parenchyma_surround`` (0.5 in ``cfg.CMB.INFER``; 0 = off) of the
+  in-plane ring 2-5 mm beyond its mask is brain not darker than halfway from its core to
+  the brain median (:func:`parenchyma_surround`): a CMB is at least half surrounded by
+  brain parenchyma (Greenberg et al., Lancet Neurol 2009), a detection on part of an
+  iron-rich nucleus is not.
 * **Regions without registration** (:func:`assign_regions_geometry`): see that function.
 * **Regions with an atlas** (:func:`assign_regions_atlas`): affine registration of the
   brain mask to the MNI ICBM152 2009a brain mask, then an MNI-space atlas look-up.
@@ -61,6 +66,7 @@ __all__ = [
     "merge_slice_instances",
     "connectivity_structure",
     "lesion_shapes",
+    "parenchyma_surround",
     "reject_implausible",
     "lesion_table",
     "census",
@@ -322,6 +328,63 @@ def lesion_shapes(
     return pd.DataFrame(rows, columns=cols)
 
 
+def parenchyma_surround(
+    labels: np.ndarray,
+    image: np.ndarray,
+    brain_mask: np.ndarray,
+    affine: np.ndarray | Sequence[float],
+    *,
+    ring_mm: tuple[float, float] = (2.0, 5.0),
+    slice_axis: int = 2,
+) -> dict[int, float]:
+    """Share of the tissue around each lesion that is brain parenchyma, ``{id: share}``.
+
+    A CMB is "at least half surrounded by brain parenchyma" (Greenberg et al., Lancet
+    Neurol 2009); a detection on part of a larger dark structure (iron-rich nuclei,
+    sinus, a vein running along the slice) is not. On every slice holding the lesion, its
+    ring is the in-plane band ``ring_mm[0] < d <= ring_mm[1]`` mm from the lesion's mask
+    on that slice (beyond the blooming halo). A ring voxel counts as parenchyma when it
+    lies in ``brain_mask`` and is not darker than halfway between the lesion's core (the
+    10th percentile of its voxels) and the median of the brain. Lesions whose ring is
+    empty get NaN.
+    """
+    labels = np.asarray(labels)
+    image = np.asarray(image)
+    brain = np.asarray(brain_mask) > 0
+    if image.shape != labels.shape or brain.shape != labels.shape:
+        raise ValueError(f"image {image.shape} and brain mask {brain.shape} must be on the "
+                         f"label volume's grid {labels.shape}")
+    lo, hi = (float(r) for r in ring_mm)
+    if not 0.0 <= lo < hi:
+        raise ValueError(f"ring_mm must satisfy 0 <= inner < outer, got {ring_mm}")
+    aff = _as_affine(affine)
+    ax = [a for a in range(3) if a != slice_axis]
+    sp = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
+    pad = [int(np.ceil(hi / sp[a])) + 1 if a != slice_axis else 0 for a in range(3)]
+    brain_median = float(np.median(image[brain])) if brain.any() else float("nan")
+    out: dict[int, float] = {}
+    for lid, bbox in enumerate(ndi.find_objects(labels), start=1):
+        if bbox is None:
+            continue
+        box = tuple(slice(max(s.start - p, 0), min(s.stop + p, n))
+                    for s, p, n in zip(bbox, pad, labels.shape, strict=True))
+        les = labels[box] == lid
+        img, brn = image[box], brain[box]
+        core = float(np.percentile(img[les], 10))
+        dark_below = core + 0.5 * (brain_median - core)
+        n_ring = n_paren = 0
+        for z in np.flatnonzero(les.any(axis=tuple(ax))):
+            sl = [slice(None)] * 3
+            sl[slice_axis] = z
+            sl = tuple(sl)
+            dist = ndi.distance_transform_edt(~les[sl], sampling=sp[ax])
+            ring = (dist > lo) & (dist <= hi)
+            n_ring += int(ring.sum())
+            n_paren += int((ring & brn[sl] & (img[sl] >= dark_below)).sum())
+        out[lid] = n_paren / n_ring if n_ring else float("nan")
+    return out
+
+
 # ============================================================================ rejection
 
 
@@ -349,6 +412,9 @@ def reject_implausible(
     slice_axis: int = 2,
     brain_mask: np.ndarray | None = None,
     min_brain_fraction: float = 0.5,
+    image: np.ndarray | None = None,
+    min_parenchyma_surround: float = 0.0,
+    surround_ring_mm: tuple[float, float] = (2.0, 5.0),
 ) -> Rejection:
     """Drop 3D candidates whose shape or place contradicts a CMB (rules in the module
     docstring).
@@ -356,7 +422,9 @@ def reject_implausible(
     ``lesions`` is a :class:`MergedLesions` or a bare label volume (scores then NaN);
     ``affine`` a 4x4 voxel-to-world matrix or 3 voxel spacings (mm). A limit set to
     ``None``-like ``inf`` disables that test; ``brain_mask`` (same grid as the labels)
-    enables the ``min_brain_fraction`` test. Every rejection is logged at INFO.
+    enables the ``min_brain_fraction`` test, and with ``image`` (the SWI on that grid)
+    too the ``min_parenchyma_surround`` test (:func:`parenchyma_surround` over
+    ``surround_ring_mm``; 0 disables it). Every rejection is logged at INFO.
     """
     if not isinstance(lesions, MergedLesions):
         labels = np.asarray(lesions).astype(np.int32, copy=False)
@@ -374,6 +442,11 @@ def reject_implausible(
         inside = ndi.sum(brain > 0, lesions.labels, ids)
         in_brain = {int(i): float(v) / float(n) for i, v, n in
                     zip(ids, inside, shapes["n_voxels"].to_numpy(), strict=True)}
+    surround: dict[int, float] = {}
+    if (brain_mask is not None and image is not None and min_parenchyma_surround > 0
+            and len(shapes)):
+        surround = parenchyma_surround(lesions.labels, image, brain_mask, affine,
+                                       ring_mm=surround_ring_mm, slice_axis=slice_axis)
     kept, rej = [], []
     for row in shapes.itertuples(index=False):
         reasons = []
@@ -381,6 +454,12 @@ def reject_implausible(
         if frac < min_brain_fraction:
             reasons.append(f"outside brain: {frac:.0%} of voxels in the brain mask "
                            f"< {min_brain_fraction:.0%}")
+        share = surround.get(int(row.lesion_id), float("nan"))
+        if share < min_parenchyma_surround:  # NaN (no ring) never rejects
+            reasons.append(
+                f"not surrounded by parenchyma: {share:.0%} of the "
+                f"{surround_ring_mm[0]:g}-{surround_ring_mm[1]:g} mm ring is brain tissue "
+                f"< {min_parenchyma_surround:.0%}")
         if row.n_slices > max_slices:
             reasons.append(f"tubular: spans {row.n_slices} slices > {max_slices}")
         if row.max_inplane_mm > max_diameter_mm:

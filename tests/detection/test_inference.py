@@ -235,3 +235,35 @@ def test_zoom_magnifies_the_slices_and_keeps_the_input_grid(instant_weights, tmp
     bad.CMB.TARGET_SPACING = 0.0
     with pytest.raises(ValueError, match="TARGET_SPACING"):
         VolumePredictor(bad, str(weights))
+
+
+def test_parenchyma_surround_rule_follows_the_config(instant_weights, tmp_path) -> None:
+    """CMB.INFER.MIN_PARENCHYMA_SURROUND rejects a focus inside a dark nucleus, keeps one in
+    plain tissue, and 0 turns the rule off."""
+    from detection.data.volume import load_case
+
+    cfg, weights = instant_weights
+    i, j = np.mgrid[:60, :60]
+    data = np.full((60, 60, 8), 100.0, np.float32)
+    data[((i - 40) ** 2 + (j - 30) ** 2 <= 64)[:, :, None] & (np.arange(8) >= 2)
+         & (np.arange(8) <= 5)] = 40.0  # 16 mm iron-rich nucleus, slices 2-5
+    foci = [((i - 15) ** 2 + (j - 30) ** 2 <= 2), ((i - 40) ** 2 + (j - 30) ** 2 <= 2)]
+    for f in foci:
+        data[:, :, 3:5][f] = 10.0
+    swi, brain = tmp_path / "swi.nii.gz", tmp_path / "brain.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0])), swi)
+    nib.save(nib.Nifti1Image(np.ones(data.shape, np.uint8), np.diag([1.0, 1.0, 2.0, 1.0])), brain)
+    case = load_case(swi, None, brain)
+    # slice detections in the export layout (rows anterior -> posterior): RAS plane.T[::-1]
+    dets = [(z, [f.T[::-1].copy() for f in foci], np.array([0.9, 0.9])) for z in (3, 4)]
+    out = {}
+    for share in (0.5, 0.0):
+        c = cfg.clone()
+        c.defrost()
+        c.CMB.INFER.MIN_PARENCHYMA_SURROUND = share
+        rej, table = VolumePredictor(c, str(weights))._merge(dets, case.swi, case.brain, 0.5, "P")
+        out[share] = (table, rej.rejected)
+    table, rejected = out[0.5]
+    assert len(table) == 1 and table["i"].round().tolist() == [15]
+    assert rejected["reason"].str.startswith("not surrounded by parenchyma").tolist() == [True]
+    assert len(out[0.0][0]) == 2 and out[0.0][1].empty

@@ -125,6 +125,59 @@ def test_candidates_outside_the_brain_mask_are_rejected():
         L.reject_implausible(labels, spacing, brain_mask=brain[:-1])
 
 
+def _surround_scene():
+    """A 0.5 x 0.5 x 2 mm brain of grey 100 with three 3 mm dark foci (grey 20): one in
+    plain tissue, one inside a 16 mm iron-rich nucleus (grey 40), one on the brain's edge
+    (the volume beyond the edge is outside the brain mask)."""
+    spacing = (0.5, 0.5, 2.0)
+    shape = (120, 80, 12)
+    image = np.full(shape, 100.0, np.float32)
+    brain = np.zeros(shape, bool)
+    brain[:100] = True
+    nucleus = ball(shape, (30, 55, 6), 8.0, spacing)
+    image[nucleus] = 40.0
+    labels = np.zeros(shape, np.int32)
+    for lid, centre in enumerate([(30, 20, 6), (30, 55, 6), (99, 40, 6)], start=1):
+        focus = ball(shape, centre, 1.5, spacing)
+        labels[focus] = lid
+        image[focus] = 20.0
+    return labels, image, brain, spacing
+
+
+def test_parenchyma_surround_separates_foci_from_parts_of_dark_structures():
+    labels, image, brain, spacing = _surround_scene()
+    share = L.parenchyma_surround(labels, image, brain, spacing, ring_mm=(2.0, 5.0))
+    assert share[1] == pytest.approx(1.0)  # a bleed in white matter
+    assert share[2] == pytest.approx(0.0)  # part of a nucleus darker than halfway
+    assert 0.45 < share[3] < 0.6  # on the brain's edge: about half of its ring
+    # a nucleus only a little darker than the brain counts as parenchyma
+    faint = np.where(image == 40.0, 70.0, image).astype(np.float32)
+    assert L.parenchyma_surround(labels, faint, brain, spacing)[2] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="grid"):
+        L.parenchyma_surround(labels, image[:-1], brain, spacing)
+    with pytest.raises(ValueError, match="ring_mm"):
+        L.parenchyma_surround(labels, image, brain, spacing, ring_mm=(5.0, 2.0))
+
+
+def test_lesions_not_surrounded_by_parenchyma_are_rejected():
+    labels, image, brain, spacing = _surround_scene()
+    rej = L.reject_implausible(labels, spacing, brain_mask=brain, min_brain_fraction=0.0,
+                               image=image, min_parenchyma_surround=0.5)
+    assert rej.kept_ids.tolist() == [1, 3]
+    assert rej.lesions.labels.max() == 2  # relabelled 1..m
+    reasons = rej.rejected.set_index("lesion_id")["reason"]
+    assert reasons.index.tolist() == [2]
+    assert reasons[2].startswith("not surrounded by parenchyma: 0% of the 2-5 mm ring")
+    strict = L.reject_implausible(labels, spacing, brain_mask=brain, min_brain_fraction=0.0,
+                                  image=image, min_parenchyma_surround=0.6)
+    assert strict.kept_ids.tolist() == [1]
+    # off by default, and without the image or the brain mask
+    assert L.reject_implausible(labels, spacing, brain_mask=brain, min_brain_fraction=0.0,
+                                image=image).kept_ids.tolist() == [1, 2, 3]
+    assert L.reject_implausible(labels, spacing, image=image,
+                                min_parenchyma_surround=0.5).kept_ids.tolist() == [1, 2, 3]
+
+
 def test_in_plane_vein_is_elongated_not_single_slice_disc():
     spacing = (0.5, 0.5, 1.0)
     labels = np.zeros((60, 60, 10), np.int32)
