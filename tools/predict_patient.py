@@ -20,7 +20,7 @@ Per patient, under ``--output/<patient_id>/``:
 - ``cmb_pred.nii.gz``: lesion instance ids on the input grid and affine;
 - ``lesions.csv``: the lesion census (one row per lesion: ids, voxel and world
   coordinates, volume, diameter, slices, score, MARS region / subregion) and
-  ``rejected.csv`` (candidates dropped by shape, with the reason);
+  ``rejected.csv`` (candidates dropped by shape, place or surround, with the reason);
 - ``census.csv``: lesion counts and volumes per region and subregion, and in total;
 - ``csvd.json`` and ``csvd.csv``: aSVD / CAA / CADASIL probabilities of the MIL model,
   the predicted class, the rule-based baseline's call with its reason, and the lesions
