@@ -95,8 +95,9 @@ def add_cmb_config(cfg: CN) -> None:
     _C.CMB.INFER.MIN_BRAIN_FRACTION = 0.5
     # A CMB is at least half surrounded by brain parenchyma (Greenberg et al. 2009): a
     # lesion is rejected when less than this share of the in-plane ring SURROUND_RING_MM
-    # (mm beyond its mask, past the blooming halo) is brain that is not darker than
-    # halfway from the lesion's core to the brain median (lesions.parenchyma_surround).
+    # (mm beyond its mask, past the blooming halo; its part in the brain mask) is not
+    # darker than halfway from the lesion's core to the brain median
+    # (lesions.parenchyma_surround).
     # Detections on part of an iron-rich nucleus or a sinus fail it. 0 disables it. The
     # ring was chosen on the development centres (README, "Rejection rules").
     _C.CMB.INFER.MIN_PARENCHYMA_SURROUND = 0.5

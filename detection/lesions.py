@@ -35,10 +35,10 @@ Rules (stated once, used everywhere)
   the scalp (CSF, bone) is where a slice detector fires on a scanner it was not trained
   on. With the SWI too, a candidate is rejected as ``not surrounded by parenchyma``
   when less than ``min_parenchyma_surround`` (0.5 in ``cfg.CMB.INFER``; 0 = off) of the
-  in-plane ring 2-5 mm beyond its mask is brain not darker than halfway from its core to
-  the brain median (:func:`parenchyma_surround`): a CMB is at least half surrounded by
-  brain parenchyma (Greenberg et al., Lancet Neurol 2009), a detection on part of an
-  iron-rich nucleus is not.
+  in-plane ring 2-5 mm beyond its mask (the part in the brain) is not darker than
+  halfway from its core to the brain median (:func:`parenchyma_surround`): a CMB is at
+  least half surrounded by brain parenchyma (Greenberg et al., Lancet Neurol 2009), a
+  detection on part of an iron-rich nucleus is not.
 * **Regions without registration** (:func:`assign_regions_geometry`): see that function.
 * **Regions with an atlas** (:func:`assign_regions_atlas`): affine registration of the
   brain mask to the MNI ICBM152 2009a brain mask, then an MNI-space atlas look-up.
@@ -343,10 +343,11 @@ def parenchyma_surround(
     Neurol 2009); a detection on part of a larger dark structure (iron-rich nuclei,
     sinus, a vein running along the slice) is not. On every slice holding the lesion, its
     ring is the in-plane band ``ring_mm[0] < d <= ring_mm[1]`` mm from the lesion's mask
-    on that slice (beyond the blooming halo). A ring voxel counts as parenchyma when it
-    lies in ``brain_mask`` and is not darker than halfway between the lesion's core (the
-    10th percentile of its voxels) and the median of the brain. Lesions whose ring is
-    empty get NaN.
+    on that slice (beyond the blooming halo), within ``brain_mask``: what lies outside the
+    brain is left to the brain-fraction rule, so that a cortical bleed next to the brain's
+    surface keeps its share. A ring voxel counts as parenchyma when it is not darker than
+    halfway between the lesion's core (the 10th percentile of its voxels) and the median
+    of the brain. Lesions with no ring voxel in the brain get NaN.
     """
     labels = np.asarray(labels)
     image = np.asarray(image)
@@ -378,9 +379,9 @@ def parenchyma_surround(
             sl[slice_axis] = z
             sl = tuple(sl)
             dist = ndi.distance_transform_edt(~les[sl], sampling=sp[ax])
-            ring = (dist > lo) & (dist <= hi)
+            ring = (dist > lo) & (dist <= hi) & brn[sl]
             n_ring += int(ring.sum())
-            n_paren += int((ring & brn[sl] & (img[sl] >= dark_below)).sum())
+            n_paren += int((ring & (img[sl] >= dark_below)).sum())
         out[lid] = n_paren / n_ring if n_ring else float("nan")
     return out
 
@@ -458,8 +459,8 @@ def reject_implausible(
         if share < min_parenchyma_surround:  # NaN (no ring) never rejects
             reasons.append(
                 f"not surrounded by parenchyma: {share:.0%} of the "
-                f"{surround_ring_mm[0]:g}-{surround_ring_mm[1]:g} mm ring is brain tissue "
-                f"< {min_parenchyma_surround:.0%}")
+                f"{surround_ring_mm[0]:g}-{surround_ring_mm[1]:g} mm ring in the brain is "
+                f"not dark < {min_parenchyma_surround:.0%}")
         if row.n_slices > max_slices:
             reasons.append(f"tubular: spans {row.n_slices} slices > {max_slices}")
         if row.max_inplane_mm > max_diameter_mm:
