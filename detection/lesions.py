@@ -459,8 +459,8 @@ def reject_implausible(
         if share < min_parenchyma_surround:  # NaN (no ring) never rejects
             reasons.append(
                 f"not surrounded by parenchyma: {share:.0%} of the "
-                f"{surround_ring_mm[0]:g}-{surround_ring_mm[1]:g} mm ring in the brain is "
-                f"not dark < {min_parenchyma_surround:.0%}")
+                f"{surround_ring_mm[0]:g}-{surround_ring_mm[1]:g} mm ring (in the brain) is "
+                f"parenchyma < {min_parenchyma_surround:.0%}")
         if row.n_slices > max_slices:
             reasons.append(f"tubular: spans {row.n_slices} slices > {max_slices}")
         if row.max_inplane_mm > max_diameter_mm:
