@@ -27,6 +27,7 @@ import detectron2.utils.comm as comm  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
 logger = logging.getLogger("cmb.train_net")
 
@@ -37,6 +38,12 @@ def setup(args):
     cfg = setup_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # default_setup routes only Detectron2's and fvcore's loggers to the console and
+    # OUTPUT_DIR/log.txt; the project's (training set, weight average, ...) go there too.
+    # (setup_logger stops propagation; it is restored so that callers' handlers still
+    # see these records.)
+    for name in ("detection", "cmb"):
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name).propagate = True
     return cfg
 
 

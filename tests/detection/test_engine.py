@@ -146,6 +146,8 @@ def test_instant_config_trains_then_eval_only_reloads(tiny_dataset: str, tmp_pat
     train_net.main(args)
     assert (out_dir / "model_final.pth").is_file()
     assert (out_dir / "model_best.pth").is_file()  # BestCheckpointer ran after EvalHook
+    # The project's own log records reach OUTPUT_DIR/log.txt beside Detectron2's.
+    assert "with CMBs, oversampled" in (out_dir / "log.txt").read_text()
     metrics = [json.loads(line) for line in (out_dir / "metrics.json").read_text().splitlines()]
     assert any("segm/AP50" in m for m in metrics)
     assert any("segm_raw/AP50" in m for m in metrics)  # the unfused instances beside them
