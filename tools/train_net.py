@@ -39,7 +39,7 @@ def setup(args):
     cfg.freeze()
     default_setup(cfg, args)
     # default_setup routes only Detectron2's and fvcore's loggers to the console and
-    # OUTPUT_DIR/log.txt; the project's (training set, weight average, ...) go there too.
+    # OUTPUT_DIR/log.txt; the project's (training set, augmentations, ...) go there too.
     # (setup_logger stops propagation; it is restored so that callers' handlers still
     # see these records.)
     for name in ("detection", "cmb"):
