@@ -102,6 +102,13 @@ def add_cmb_config(cfg: CN) -> None:
     # ring was chosen on the development centres (README, "Rejection rules").
     _C.CMB.INFER.MIN_PARENCHYMA_SURROUND = 0.5
     _C.CMB.INFER.SURROUND_RING_MM = (2.0, 5.0)
+    # Bilateral mimics: a lesion whose mirror image across the mid-sagittal plane (found
+    # by symmetry, detection/symmetry.py) holds a twin at least this dark, relative to
+    # the lesion's own darkness against its ring, is rejected (iron-rich nuclei, pallidal
+    # calcification: symmetric; a bleed has no twin). The twin is sought within
+    # MIRROR_SEARCH_MM of the exact mirror image. 0 disables it.
+    _C.CMB.INFER.MAX_MIRROR_RATIO = 0.0
+    _C.CMB.INFER.MIRROR_SEARCH_MM = 3.0
     # Test-time left-right flip: each slice is also run mirrored and the two passes'
     # instances are fused (matched pairs: mean score; unmatched: half score). Twice the
     # model time; bleeds are found in both passes more consistently than mimics.

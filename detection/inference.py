@@ -15,7 +15,8 @@ optionally fused with a mirrored pass (``CMB.INFER.TTA_HFLIP``, :func:`fuse_flip
 filtered by :func:`detection.lesions.reject_implausible` (``CMB.INFER.MAX_SLICES``,
 ``MAX_DIAMETER_MM``, ``MAX_ELONGATION``, ``MIN_BRAIN_FRACTION`` of the lesion's voxels
 inside the brain mask, and ``MIN_PARENCHYMA_SURROUND`` of the ring ``SURROUND_RING_MM``
-around it that is brain parenchyma) and described by
+around it that is brain parenchyma, and, when ``MAX_MIRROR_RATIO`` > 0, no twin as dark
+across the mid-sagittal plane, :mod:`detection.symmetry`) and described by
 :func:`detection.lesions.lesion_table` with a MARS-style region.
 
 Outputs per patient (DESIGN.md contract 3): ``cmb_pred.nii.gz`` (instance ids on the input
@@ -56,6 +57,7 @@ from .lesions import (
     merge_slice_instances,
     reject_implausible,
 )
+from .symmetry import Plane, midsagittal_plane
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +271,7 @@ class VolumePredictor:
         self.region_fn = region_fn
         self.batch_size = max(1, int(cfg.CMB.INFER.BATCH_SIZE))
         self.input_format = cfg.INPUT.FORMAT
+        self._plane_cache: tuple | None = None
 
     # ------------------------------------------------------------------ model
     def _to_input(self, rgb: np.ndarray) -> dict:
@@ -338,6 +341,7 @@ class VolumePredictor:
             per_slice.append((z, planes, np.asarray(scores)[keep]))
         merged = merge_slice_instances(per_slice, (nx, ny, nz), slice_axis=2,
                                        score_thresh=thresh)
+        plane = self._mirror_plane(volume, brain_ras) if merged.n else None
         rej = reject_implausible(
             merged, volume.affine, max_slices=int(infer.MAX_SLICES),
             max_diameter_mm=float(infer.MAX_DIAMETER_MM),
@@ -345,10 +349,31 @@ class VolumePredictor:
             brain_mask=brain_ras, min_brain_fraction=float(infer.MIN_BRAIN_FRACTION),
             image=volume.data, min_parenchyma_surround=float(infer.MIN_PARENCHYMA_SURROUND),
             surround_ring_mm=tuple(float(r) for r in infer.SURROUND_RING_MM),
+            max_mirror_ratio=float(infer.MAX_MIRROR_RATIO) if plane is not None else 0.0,
+            mirror_search_mm=float(infer.MIRROR_SEARCH_MM),
+            mirror_plane=plane,
         )
         table = lesion_table(rej.lesions.labels, volume.affine, rej.lesions, brain_ras,
                              self.region_fn, patient_id=patient_id)
         return rej, table
+
+    def _mirror_plane(self, volume: Volume, brain_ras: np.ndarray) -> Plane | None:
+        """The volume's mid-sagittal plane when the mirror rule is on (estimated once per
+        volume: lesions and candidates share it); None when it is off or the brain mask
+        is too small to find one (warned)."""
+        if float(self.cfg.CMB.INFER.MAX_MIRROR_RATIO) <= 0 or not np.any(brain_ras):
+            return None
+        key = (id(volume.data), id(brain_ras))
+        if self._plane_cache is None or self._plane_cache[0] != key:
+            try:
+                plane = midsagittal_plane(volume.data, brain_ras, volume.affine)
+            except ValueError as exc:
+                logger.warning("%s: no mid-sagittal plane (%s); the bilateral-mimic rule "
+                               "(CMB.INFER.MAX_MIRROR_RATIO) is not applied to this volume",
+                               volume.path, exc)
+                plane = None
+            self._plane_cache = (key, plane)
+        return self._plane_cache[1]
 
     def to_lesions(self, prep: PreparedVolume, detections, volume: Volume,
                    brain_ras: np.ndarray, patient_id: str = ""):

@@ -38,7 +38,10 @@ Rules (stated once, used everywhere)
   in-plane ring 2-5 mm beyond its mask (the part in the brain) is not darker than
   halfway from its core to the brain median (:func:`parenchyma_surround`): a CMB is at
   least half surrounded by brain parenchyma (Greenberg et al., Lancet Neurol 2009), a
-  detection on part of an iron-rich nucleus is not.
+  detection on part of an iron-rich nucleus is not. With ``max_mirror_ratio`` > 0 too, a
+  candidate with a twin at least that dark at its mirror image across the mid-sagittal
+  plane is rejected as a ``bilateral mimic`` (:mod:`detection.symmetry`): iron-rich
+  nuclei and pallidal calcification are symmetric, a bleed is not.
 * **Regions without registration** (:func:`assign_regions_geometry`): see that function.
 * **Regions with an atlas** (:func:`assign_regions_atlas`): affine registration of the
   brain mask to the MNI ICBM152 2009a brain mask, then an MNI-space atlas look-up.
@@ -56,6 +59,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 from scipy import optimize
+
+from .symmetry import Plane, midsagittal_plane, mirror_ratio
 
 __all__ = [
     "REGIONS",
@@ -416,6 +421,9 @@ def reject_implausible(
     image: np.ndarray | None = None,
     min_parenchyma_surround: float = 0.0,
     surround_ring_mm: tuple[float, float] = (2.0, 5.0),
+    max_mirror_ratio: float = 0.0,
+    mirror_search_mm: float = 3.0,
+    mirror_plane: Plane | None = None,
 ) -> Rejection:
     """Drop 3D candidates whose shape or place contradicts a CMB (rules in the module
     docstring).
@@ -425,7 +433,13 @@ def reject_implausible(
     ``None``-like ``inf`` disables that test; ``brain_mask`` (same grid as the labels)
     enables the ``min_brain_fraction`` test, and with ``image`` (the SWI on that grid)
     too the ``min_parenchyma_surround`` test (:func:`parenchyma_surround` over
-    ``surround_ring_mm``; 0 disables it). Every rejection is logged at INFO.
+    ``surround_ring_mm``; 0 disables it) and the ``max_mirror_ratio`` test (a lesion
+    with an equally dark twin across the mid-sagittal plane,
+    :func:`detection.symmetry.mirror_ratio` >= the limit, is a bilateral mimic such as
+    an iron-rich nucleus or pallidal calcification; 0 disables it). Every rejection is
+    logged at INFO. ``mirror_plane`` (default: estimated from ``image`` and
+    ``brain_mask`` by :func:`detection.symmetry.midsagittal_plane`) saves that step
+    when one volume is filtered more than once.
     """
     if not isinstance(lesions, MergedLesions):
         labels = np.asarray(lesions).astype(np.int32, copy=False)
@@ -448,6 +462,13 @@ def reject_implausible(
             and len(shapes)):
         surround = parenchyma_surround(lesions.labels, image, brain_mask, affine,
                                        ring_mm=surround_ring_mm, slice_axis=slice_axis)
+    mirror: dict[int, float] = {}
+    if (brain_mask is not None and image is not None and max_mirror_ratio > 0
+            and len(shapes)):
+        aff = _as_affine(affine)
+        plane = mirror_plane or midsagittal_plane(image, brain_mask, aff)
+        mirror = mirror_ratio(lesions.labels, image, brain_mask, aff, plane,
+                              search_mm=mirror_search_mm, ring_mm=surround_ring_mm)
     kept, rej = [], []
     for row in shapes.itertuples(index=False):
         reasons = []
@@ -461,6 +482,10 @@ def reject_implausible(
                 f"not surrounded by parenchyma: {share:.0%} of the "
                 f"{surround_ring_mm[0]:g}-{surround_ring_mm[1]:g} mm ring (in the brain) is "
                 f"parenchyma < {min_parenchyma_surround:.0%}")
+        twin = mirror.get(int(row.lesion_id), float("nan"))
+        if twin >= max_mirror_ratio:  # NaN (near the midline, no ring) never rejects
+            reasons.append(f"bilateral mimic: a twin across the midline {twin:.0%} as dark "
+                           f">= {max_mirror_ratio:.0%}")
         if row.n_slices > max_slices:
             reasons.append(f"tubular: spans {row.n_slices} slices > {max_slices}")
         if row.max_inplane_mm > max_diameter_mm:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import detection  # noqa: F401
@@ -267,3 +268,50 @@ def test_parenchyma_surround_rule_follows_the_config(instant_weights, tmp_path) 
     assert len(table) == 1 and table["i"].round().tolist() == [15]
     assert rejected["reason"].str.startswith("not surrounded by parenchyma").tolist() == [True]
     assert len(out[0.0][0]) == 2 and out[0.0][1].empty
+
+
+def test_mirror_rule_follows_the_config(instant_weights, tmp_path, caplog) -> None:
+    """CMB.INFER.MAX_MIRROR_RATIO rejects a focus on one of two mirror-image nuclei, keeps a
+    focus without a twin, estimates the midline once per volume, and 0 turns it off."""
+    from detection.data.volume import load_case
+
+    cfg, weights = instant_weights
+    i, j = np.mgrid[:60, :64]
+    brain2d = ((i - 29.5) / 27) ** 2 + ((j - 31.5) / 30) ** 2 <= 1
+    data = np.where(brain2d[:, :, None], 100.0, 0.0).repeat(8, axis=2).astype(np.float32)
+    ventricles = (((np.abs(i - 29.5) - 6) / 3) ** 2 + ((j - 36) / 10) ** 2) <= 1
+    data[ventricles] = 150.0
+    nuclei = (np.abs(i - 29.5) - 14.5) ** 2 + (j - 24) ** 2 <= 6  # x = 15 and 44
+    data[:, :, 2:6][nuclei] = 45.0
+    focus_nucleus = (i - 15) ** 2 + (j - 24) ** 2 <= 2
+    focus_alone = (i - 20) ** 2 + (j - 48) ** 2 <= 2
+    data[:, :, 3:5][focus_alone] = 45.0
+    data += np.random.default_rng(0).normal(0, 2.0, data.shape).astype(np.float32)
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    swi, brain = tmp_path / "swi.nii.gz", tmp_path / "brain.nii.gz"
+    nib.save(nib.Nifti1Image(data, aff), swi)
+    nib.save(nib.Nifti1Image(np.repeat(brain2d[:, :, None], 8, 2).astype(np.uint8), aff), brain)
+    case = load_case(swi, None, brain)
+    foci = [focus_nucleus, focus_alone]
+    dets = [(z, [f.T[::-1].copy() for f in foci], np.array([0.9, 0.9])) for z in (3, 4)]
+    out = {}
+    for ratio in (0.9, 0.0):
+        c = cfg.clone()
+        c.defrost()
+        c.CMB.INFER.MIN_PARENCHYMA_SURROUND = 0.0
+        c.CMB.INFER.MAX_MIRROR_RATIO = ratio
+        vp = VolumePredictor(c, str(weights))
+        rej, table = vp._merge(dets, case.swi, case.brain, 0.5, "P")
+        out[ratio] = (table, rej.rejected, vp)
+    table, rejected, vp = out[0.9]
+    assert table["i"].round().tolist() == [20]
+    assert rejected["reason"].str.startswith("bilateral mimic").tolist() == [True]
+    plane = vp._plane_cache[1]
+    assert abs(abs(plane.normal[0]) - 1) < 1e-3 and vp._mirror_plane(case.swi, case.brain) is plane
+    assert len(out[0.0][0]) == 2 and out[0.0][1].empty and out[0.0][2]._plane_cache is None
+    # A brain mask too small for a midline: the rule is skipped for that volume, with a warning.
+    tiny = np.zeros_like(case.brain)
+    tiny[28:31, 30:33, 3] = True
+    with caplog.at_level(logging.WARNING, logger="detection.inference"):
+        assert vp._mirror_plane(case.swi, tiny) is None
+    assert "no mid-sagittal plane" in caplog.text
