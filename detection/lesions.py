@@ -60,7 +60,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 from scipy import optimize
 
-from .symmetry import Plane, midsagittal_plane, mirror_ratio
+from .symmetry import Plane, lesion_boxes, midsagittal_plane, mirror_ratio, ring_inputs
 
 __all__ = [
     "REGIONS",
@@ -354,27 +354,14 @@ def parenchyma_surround(
     halfway between the lesion's core (the 10th percentile of its voxels) and the median
     of the brain. Lesions with no ring voxel in the brain get NaN.
     """
-    labels = np.asarray(labels)
-    image = np.asarray(image)
-    brain = np.asarray(brain_mask) > 0
-    if image.shape != labels.shape or brain.shape != labels.shape:
-        raise ValueError(f"image {image.shape} and brain mask {brain.shape} must be on the "
-                         f"label volume's grid {labels.shape}")
-    lo, hi = (float(r) for r in ring_mm)
-    if not 0.0 <= lo < hi:
-        raise ValueError(f"ring_mm must satisfy 0 <= inner < outer, got {ring_mm}")
+    labels, image, brain, (lo, hi) = ring_inputs(labels, image, brain_mask, ring_mm)
     aff = _as_affine(affine)
     ax = [a for a in range(3) if a != slice_axis]
     sp = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
     pad = [int(np.ceil(hi / sp[a])) + 1 if a != slice_axis else 0 for a in range(3)]
     brain_median = float(np.median(image[brain])) if brain.any() else float("nan")
     out: dict[int, float] = {}
-    for lid, bbox in enumerate(ndi.find_objects(labels), start=1):
-        if bbox is None:
-            continue
-        box = tuple(slice(max(s.start - p, 0), min(s.stop + p, n))
-                    for s, p, n in zip(bbox, pad, labels.shape, strict=True))
-        les = labels[box] == lid
+    for lid, box, les in lesion_boxes(labels, pad):
         img, brn = image[box], brain[box]
         core = float(np.percentile(img[les], 10))
         dark_below = core + 0.5 * (brain_median - core)

@@ -24,7 +24,7 @@ Pure numpy / scipy, like :mod:`detection.lesions`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,6 +164,35 @@ def midsagittal_plane(
     return Plane(_normal(p[0], p[1]), float(p[2]))
 
 
+def ring_inputs(labels: np.ndarray, image: np.ndarray, brain_mask: np.ndarray,
+                ring_mm: tuple[float, float]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]:
+    """Arrays and ring limits of a per-lesion ring measure, checked: the image and brain
+    mask on the label volume's grid, ``0 <= inner < outer`` mm."""
+    labels = np.asarray(labels)
+    image = np.asarray(image)
+    brain = np.asarray(brain_mask) > 0
+    if image.shape != labels.shape or brain.shape != labels.shape:
+        raise ValueError(f"image {image.shape} and brain mask {brain.shape} must be on the "
+                         f"label volume's grid {labels.shape}")
+    lo, hi = (float(r) for r in ring_mm)
+    if not 0.0 <= lo < hi:
+        raise ValueError(f"ring_mm must satisfy 0 <= inner < outer, got {ring_mm}")
+    return labels, image, brain, (lo, hi)
+
+
+def lesion_boxes(labels: np.ndarray, pad: Sequence[int]
+                 ) -> Iterator[tuple[int, tuple[slice, ...], np.ndarray]]:
+    """``(id, box, mask in the box)`` for each lesion id present in ``labels``, its
+    bounding box grown by ``pad`` voxels per axis (clipped to the volume)."""
+    for lid, bbox in enumerate(ndi.find_objects(labels), start=1):
+        if bbox is None:
+            continue
+        box = tuple(slice(max(s.start - int(p), 0), min(s.stop + int(p), n))
+                    for s, p, n in zip(bbox, pad, labels.shape, strict=True))
+        yield lid, box, labels[box] == lid
+
+
 def _ball_offsets(radius_mm: float, step_mm: float = 1.0) -> np.ndarray:
     r = int(np.floor(radius_mm / step_mm))
     g = np.arange(-r, r + 1) * step_mm
@@ -192,15 +221,8 @@ def mirror_ratio(
     ``min_plane_distance_mm`` of the plane (on the midline: their mirror image is
     themselves), without a ring in the brain, or not darker than their ring get NaN.
     """
-    labels = np.asarray(labels)
-    image = np.asarray(image, dtype=np.float32)
-    brain = np.asarray(brain_mask) > 0
-    if image.shape != labels.shape or brain.shape != labels.shape:
-        raise ValueError(f"image {image.shape} and brain mask {brain.shape} must be on the "
-                         f"label volume's grid {labels.shape}")
-    lo, hi = (float(r) for r in ring_mm)
-    if not 0.0 <= lo < hi:
-        raise ValueError(f"ring_mm must satisfy 0 <= inner < outer, got {ring_mm}")
+    labels, image, brain, (lo, hi) = ring_inputs(labels, image, brain_mask, ring_mm)
+    image = image.astype(np.float32, copy=False)
     near = float(min_plane_distance_mm)
     # interpolation reaches half a voxel further than the nearest voxel centre
     reach = float(self_mm) + 0.5 * float(_spacing(affine).max())
@@ -215,13 +237,8 @@ def mirror_ratio(
         return ndi.map_coordinates(image, v.T, order=1, mode="nearest")
 
     out: dict[int, float] = {}
-    for lid, bbox in enumerate(ndi.find_objects(labels), start=1):
-        if bbox is None:
-            continue
-        box = tuple(slice(max(s.start - p, 0), min(s.stop + p, n))
-                    for s, p, n in zip(bbox, pad, labels.shape, strict=True))
+    for lid, box, les in lesion_boxes(labels, pad):
         origin = np.array([s.start for s in box], dtype=np.float64)
-        les = labels[box] == lid
         dist = ndi.distance_transform_edt(~les, sampling=sp)
         ring = (dist > lo) & (dist <= hi) & brain[box]
         les_w = (np.argwhere(les) + origin) @ aff[:3, :3].T + aff[:3, 3]
