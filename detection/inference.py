@@ -363,8 +363,9 @@ class VolumePredictor:
         is too small to find one (warned)."""
         if float(self.cfg.CMB.INFER.MAX_MIRROR_RATIO) <= 0 or not np.any(brain_ras):
             return None
-        key = (id(volume.data), id(brain_ras))
-        if self._plane_cache is None or self._plane_cache[0] != key:
+        cached = self._plane_cache
+        # The cache holds the arrays themselves: a freed volume's id() can be reused.
+        if cached is None or cached[0] is not volume.data or cached[1] is not brain_ras:
             try:
                 plane = midsagittal_plane(volume.data, brain_ras, volume.affine)
             except ValueError as exc:
@@ -372,8 +373,8 @@ class VolumePredictor:
                                "(CMB.INFER.MAX_MIRROR_RATIO) is not applied to this volume",
                                volume.path, exc)
                 plane = None
-            self._plane_cache = (key, plane)
-        return self._plane_cache[1]
+            self._plane_cache = (volume.data, brain_ras, plane)
+        return self._plane_cache[2]
 
     def to_lesions(self, prep: PreparedVolume, detections, volume: Volume,
                    brain_ras: np.ndarray, patient_id: str = ""):

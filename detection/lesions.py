@@ -60,7 +60,14 @@ import pandas as pd
 from scipy import ndimage as ndi
 from scipy import optimize
 
-from .symmetry import Plane, lesion_boxes, midsagittal_plane, mirror_ratio, ring_inputs
+from .symmetry import (
+    Plane,
+    block_mean,
+    lesion_boxes,
+    midsagittal_plane,
+    mirror_ratio,
+    ring_inputs,
+)
 
 __all__ = [
     "REGIONS",
@@ -453,7 +460,8 @@ def reject_implausible(
     if (brain_mask is not None and image is not None and max_mirror_ratio > 0
             and len(shapes)):
         aff = _as_affine(affine)
-        plane = mirror_plane or midsagittal_plane(image, brain_mask, aff)
+        plane = (mirror_plane if mirror_plane is not None
+                 else midsagittal_plane(image, brain_mask, aff))
         mirror = mirror_ratio(lesions.labels, image, brain_mask, aff, plane,
                               search_mm=mirror_search_mm, ring_mm=surround_ring_mm)
     kept, rej = [], []
@@ -701,7 +709,7 @@ def mni_template(voxel_mm: int = 2) -> tuple[np.ndarray, np.ndarray]:
     wm = nib.load(d / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")
     prob = (np.asarray(gm.dataobj, np.float32) + np.asarray(wm.dataobj, np.float32)) / 255.0
     mask = _fill_brain(prob >= 0.5)
-    return _block_mean(mask.astype(np.float32), np.asarray(gm.affine, np.float64), voxel_mm)
+    return block_mean(mask.astype(np.float32), np.asarray(gm.affine, np.float64), voxel_mm)
 
 
 def _fill_brain(mask: np.ndarray) -> np.ndarray:
@@ -714,22 +722,6 @@ def _fill_brain(mask: np.ndarray) -> np.ndarray:
     pad = 4
     m = ndi.binary_closing(np.pad(mask, pad), iterations=3)[pad:-pad, pad:-pad, pad:-pad]
     return ndi.binary_fill_holes(m | mask)
-
-
-def _block_mean(vol: np.ndarray, affine: np.ndarray, target_mm: float
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Average ``vol`` over integer blocks so voxels are about ``target_mm``; new affine."""
-    sp = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    f = np.maximum(1, np.round(target_mm / sp)).astype(int)
-    if np.all(f == 1):
-        return vol.astype(np.float32), affine
-    shp = (np.array(vol.shape) // f) * f
-    v = vol[: shp[0], : shp[1], : shp[2]].astype(np.float32)
-    v = v.reshape(shp[0] // f[0], f[0], shp[1] // f[1], f[1], shp[2] // f[2], f[2]).mean((1, 3, 5))
-    new = affine.copy()
-    new[:3, :3] = affine[:3, :3] * f
-    new[:3, 3] = affine[:3, :3] @ ((f - 1) / 2.0) + affine[:3, 3]
-    return v, new
 
 
 def _rotation(angles: np.ndarray) -> np.ndarray:
@@ -770,7 +762,7 @@ def register_to_mni(
     """
     tmask, taff = mni_template(template_mm)
     aff = np.asarray(affine, dtype=np.float64)
-    pm, paff = _block_mean((np.asarray(brain_mask) > 0).astype(np.float32), aff,
+    pm, paff = block_mean((np.asarray(brain_mask) > 0).astype(np.float32), aff,
                            float(template_mm))
     pm = np.maximum(pm, _fill_brain(pm >= 0.5).astype(np.float32))  # ventricles etc. in
     c_f, var_f = _moments(tmask, taff)

@@ -31,7 +31,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy import optimize
 
-__all__ = ["Plane", "midsagittal_plane", "mirror_ratio"]
+__all__ = ["Plane", "block_mean", "lesion_boxes", "midsagittal_plane", "mirror_ratio",
+           "ring_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +65,12 @@ def _spacing(affine: np.ndarray) -> np.ndarray:
     return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
 
 
-def _block_mean(vol: np.ndarray, affine: np.ndarray, target_mm: float
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over integer blocks of about ``target_mm``, and the coarse grid's affine."""
+def block_mean(vol: np.ndarray, affine: np.ndarray, target_mm: float
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Average ``vol`` over integer blocks so voxels are about ``target_mm``; new affine."""
     f = np.maximum(1, np.round(target_mm / _spacing(affine))).astype(int)
+    if np.all(f == 1):
+        return vol.astype(np.float32), np.asarray(affine, dtype=np.float64)
     shp = (np.array(vol.shape) // f) * f
     v = vol[: shp[0], : shp[1], : shp[2]].astype(np.float32)
     v = v.reshape(shp[0] // f[0], f[0], shp[1] // f[1], f[1], shp[2] // f[2], f[2])
@@ -110,8 +113,8 @@ def midsagittal_plane(
     lo, hi = np.percentile(image[brain], [1, 99])
     vol = np.where(brain, np.clip(image, lo, hi), 0.0).astype(np.float32)
     # Everything below runs on ~work_mm voxels (block means): seconds, not tens of them.
-    vol, _ = _block_mean(vol, aff, work_mm)
-    wbrain, aff = _block_mean(brain.astype(np.float32), aff, work_mm)
+    vol, _ = block_mean(vol, aff, work_mm)
+    wbrain, aff = block_mean(brain.astype(np.float32), aff, work_mm)
     sp = _spacing(aff)
     # Divide out the slow intensity drift (coil bias fields are not symmetric): the grey
     # level over its brain-masked average within ``background_mm``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -306,8 +307,13 @@ def test_mirror_rule_follows_the_config(instant_weights, tmp_path, caplog) -> No
     table, rejected, vp = out[0.9]
     assert table["i"].round().tolist() == [20]
     assert rejected["reason"].str.startswith("bilateral mimic").tolist() == [True]
-    plane = vp._plane_cache[1]
+    plane = vp._plane_cache[2]
     assert abs(abs(plane.normal[0]) - 1) < 1e-3 and vp._mirror_plane(case.swi, case.brain) is plane
+    # Another volume (the same head 6 mm to the left) gets its own plane.
+    shifted = case.swi.data.copy()
+    moved = dataclasses.replace(case.swi, data=np.roll(shifted, -6, axis=0))
+    other = vp._mirror_plane(moved, np.roll(case.brain, -6, axis=0))
+    assert other is not plane and abs(abs(other.offset - plane.offset) - 6.0) < 1.0
     assert len(out[0.0][0]) == 2 and out[0.0][1].empty and out[0.0][2]._plane_cache is None
     # A brain mask too small for a midline: the rule is skipped for that volume, with a warning.
     tiny = np.zeros_like(case.brain)
