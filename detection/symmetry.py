@@ -219,25 +219,27 @@ def mirror_ratio(
 
     See the module docstring. Where the search around the mirror image reaches the
     lesion itself (within ``self_mm`` plus half the largest voxel side of its voxels:
-    bleeds near the midline), those
-    places count as not dark, so only a separate twin scores. Lesions lying within
+    bleeds near the midline), those places count as not dark, so only a separate twin
+    scores. Lesions lying within
     ``min_plane_distance_mm`` of the plane (on the midline: their mirror image is
     themselves), without a ring in the brain, or not darker than their ring get NaN.
     """
     labels, image, brain, (lo, hi) = ring_inputs(labels, image, brain_mask, ring_mm)
     image = image.astype(np.float32, copy=False)
     near = float(min_plane_distance_mm)
-    # interpolation reaches half a voxel further than the nearest voxel centre
-    reach = float(self_mm) + 0.5 * float(_spacing(affine).max())
     aff = np.asarray(affine, dtype=np.float64)
     inv = np.linalg.inv(aff)
     sp = _spacing(aff)
+    # interpolation reaches half a voxel further than the nearest voxel centre
+    reach = float(self_mm) + 0.5 * float(sp.max())
     pad = np.ceil(hi / sp).astype(int) + 1
     shifts = _ball_offsets(search_mm)
 
-    def sample(world: np.ndarray) -> np.ndarray:
-        v = world @ inv[:3, :3].T + inv[:3, 3]
-        return ndi.map_coordinates(image, v.T, order=1, mode="nearest")
+    def to_voxels(world: np.ndarray) -> np.ndarray:
+        return world @ inv[:3, :3].T + inv[:3, 3]
+
+    def sample(vox: np.ndarray) -> np.ndarray:
+        return ndi.map_coordinates(image, vox.T, order=1, mode="nearest")
 
     out: dict[int, float] = {}
     for lid, box, les in lesion_boxes(labels, pad):
@@ -254,13 +256,13 @@ def mirror_ratio(
         if own <= 0:
             out[lid] = float("nan")
             continue
-        twin_ref = float(np.median(sample(plane.reflect(ring_w))))
+        twin_ref = float(np.median(sample(to_voxels(plane.reflect(ring_w)))))
         twin = plane.reflect(les_w)
-        moved = (twin[None, :, :] + shifts[:, None, :]).reshape(-1, 3)
+        moved = to_voxels((twin[None, :, :] + shifts[:, None, :]).reshape(-1, 3))
         vals = sample(moved)
         # Near the midline the search reaches the lesion itself: its own voxels (and
-        # those within ``self_mm``) count as not dark, so only a separate twin scores.
-        mv = np.rint((moved @ inv[:3, :3].T + inv[:3, 3]) - origin).astype(np.int64)
+        # those within ``reach``) count as not dark, so only a separate twin scores.
+        mv = np.rint(moved - origin).astype(np.int64)
         ok = np.all((mv >= 0) & (mv < np.array(les.shape)), axis=1)
         own_zone = dist <= reach
         hit = np.zeros(len(mv), dtype=bool)
