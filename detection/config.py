@@ -113,6 +113,11 @@ def add_cmb_config(cfg: CN) -> None:
     # instances are fused (matched pairs: mean score; unmatched: half score). Twice the
     # model time; bleeds are found in both passes more consistently than mimics.
     _C.CMB.INFER.TTA_HFLIP = False
+    # With TTA_HFLIP, each pass's slice instances scoring below this count as absent
+    # (score 0) when the passes are fused for lesions.csv / cmb_pred.nii.gz. 0 = half of
+    # SCORE_THRESH. candidates.csv fuses from its own floor (half of CANDIDATE_THRESH, or
+    # this one if lower), so CANDIDATE_THRESH never changes the operating outputs.
+    _C.CMB.INFER.TTA_PASS_THRESH = 0.0
     # Candidates for FROC: when > 0 and below SCORE_THRESH, the slice instances down to
     # this score are also merged into 3D candidates, written (with their centres and
     # scores) to candidates.csv. lesions.csv / cmb_pred.nii.gz stay at SCORE_THRESH; the

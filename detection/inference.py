@@ -24,7 +24,10 @@ grid and affine), ``lesions.csv``, ``rejected.csv`` (candidates dropped by shape
 reason) and ``overlay.png``. With ``CMB.INFER.CANDIDATE_THRESH`` below ``SCORE_THRESH``,
 also ``candidates.csv``: the same merging and rejection run from the slice instances
 scoring at least the candidate threshold (lesions.csv columns), so that a FROC curve can
-sweep scores under the operating threshold.
+sweep scores under the operating threshold. With the mirrored pass the candidates are fused
+from the passes separately (each pass down to half the candidate threshold; the lesions
+down to ``CMB.INFER.TTA_PASS_THRESH``), so the candidate threshold never changes the
+lesions.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "PatientPrediction",
     "SliceInstances",
+    "SlicePasses",
     "VolumePredictor",
     "fuse_flip_instances",
     "image_mask_to_ras_plane",
@@ -73,6 +77,9 @@ __all__ = [
 
 #: ``(slice_index, masks [n, nx, ny] bool on the RAS plane, scores [n])``.
 SliceInstances = tuple[int, np.ndarray, np.ndarray]
+# One slice's raw model output: (z, (masks, scores) of the plain pass, the mirrored pass's
+# (masks flipped back, scores) or None without CMB.INFER.TTA_HFLIP).
+SlicePasses = tuple[int, tuple[list, np.ndarray], "tuple[list, np.ndarray] | None"]
 
 
 def paste_mask_in_box(mask_prob: np.ndarray, box: Sequence[float], height: int, width: int,
@@ -186,7 +193,27 @@ def save_overlay(swi_ras: np.ndarray, labels_ras: np.ndarray, path: str | os.Pat
     plt.close(fig)
 
 
-def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+def _mask_box(m: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Half-open ``(r0, r1, c0, c1)`` bounds of a 2D mask's pixels; None when empty."""
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    if not len(rows):
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray, box_a: tuple | None = None,
+              box_b: tuple | None = None) -> float:
+    """IoU of two same-shape masks; with their :func:`_mask_box` bounds given, 0 without
+    computing when the bounds do not meet, otherwise computed over the bounds' union."""
+    if box_a is not None or box_b is not None:
+        if box_a is None or box_b is None:
+            return 0.0
+        if (box_a[0] >= box_b[1] or box_b[0] >= box_a[1] or box_a[2] >= box_b[3]
+                or box_b[2] >= box_a[3]):
+            return 0.0
+        r0, r1 = min(box_a[0], box_b[0]), max(box_a[1], box_b[1])
+        c0, c1 = min(box_a[2], box_b[2]), max(box_a[3], box_b[3])
+        a, b = a[r0:r1, c0:c1], b[r0:r1, c0:c1]
     inter = np.logical_and(a, b).sum()
     union = np.logical_or(a, b).sum()
     return float(inter) / float(union) if union else 0.0
@@ -209,10 +236,13 @@ def fuse_flip_instances(
     sb = np.asarray(scores_b, dtype=np.float64)
     used_b = np.zeros(len(sb), dtype=bool)
     out: list[tuple[float, np.ndarray]] = []
+    # Bounds first: most pairs do not meet, and full-slice IoUs dominated the fusion.
+    boxes_a = [_mask_box(m) for m in masks_a]
+    boxes_b = [_mask_box(m) for m in masks_b]
     for i in np.argsort(-sa, kind="stable"):
         best, best_iou = -1, float(iou_thresh)
         for j in np.flatnonzero(~used_b):
-            iou = _mask_iou(masks_a[i], masks_b[j])
+            iou = _mask_iou(masks_a[i], masks_b[j], boxes_a[i], boxes_b[j])
             if iou >= best_iou:
                 best, best_iou = int(j), iou
         if best >= 0:
@@ -241,18 +271,36 @@ class VolumePredictor:
         # mask head no longer runs on the discarded low-score boxes.
         predictor = getattr(getattr(self.model, "roi_heads", None), "box_predictor", None)
         self.tta_hflip = bool(cfg.CMB.INFER.TTA_HFLIP)
-        # With the flip, fused scores are means of two passes: keep each pass's instances
-        # down to half the threshold (lower ones count as absent, i.e. score 0).
         op = float(cfg.CMB.INFER.SCORE_THRESH)
         cand = float(cfg.CMB.INFER.CANDIDATE_THRESH)
         self.candidate_thresh = cand if 0 < cand < op else None
-        self._raw_thresh = (self.candidate_thresh or op) * (0.5 if self.tta_hflip else 1)
+        # Lowest slice-instance score each output reads. Without the flip that is its own
+        # threshold. With it, fused scores are means of two passes and an instance under
+        # the pass floor counts as absent (score 0): the lesions use TTA_PASS_THRESH (half
+        # of SCORE_THRESH when 0), the candidates half of CANDIDATE_THRESH (or the lesions'
+        # floor if lower), each fused from the passes separately, so that the candidate
+        # threshold never changes lesions.csv.
+        if self.tta_hflip:
+            pass_thresh = float(cfg.CMB.INFER.TTA_PASS_THRESH)
+            if not 0 <= pass_thresh <= op:
+                raise ValueError(f"CMB.INFER.TTA_PASS_THRESH must lie in [0, SCORE_THRESH "
+                                 f"= {op}], got {pass_thresh}")
+            self._lesion_floor = pass_thresh if pass_thresh > 0 else 0.5 * op
+            self._candidate_floor = (min(self._lesion_floor, 0.5 * cand)
+                                     if self.candidate_thresh is not None else None)
+        else:
+            self._lesion_floor, self._candidate_floor = op, self.candidate_thresh
+        self._raw_thresh = min(f for f in (self._lesion_floor, self._candidate_floor)
+                               if f is not None)
         if predictor is not None and hasattr(predictor, "test_score_thresh"):
-            if float(predictor.test_score_thresh) > self._raw_thresh + 1e-9:
+            # A pass floor under the model's own one just finds no instances below it;
+            # an output threshold under it loses detections.
+            lowest_out = self.candidate_thresh or op
+            if float(predictor.test_score_thresh) > lowest_out + 1e-9:
                 logger.warning(
                     "MODEL.ROI_HEADS.SCORE_THRESH_TEST %.3f is above the lowest score kept "
                     "(%.3f): slice detections between the two are lost",
-                    float(predictor.test_score_thresh), self._raw_thresh)
+                    float(predictor.test_score_thresh), lowest_out)
             predictor.test_score_thresh = max(float(predictor.test_score_thresh),
                                               self._raw_thresh)
         if self.model.device.type == "cpu":
@@ -298,13 +346,14 @@ class VolumePredictor:
         return masks, scores
 
     @torch.inference_mode()
-    def detect(self, prep: PreparedVolume, slices: Iterable[int] | None = None,
-               progress: bool = False) -> list[tuple[int, list[np.ndarray], np.ndarray]]:
-        """Raw slice detections ``(z, masks in export layout, scores)`` over ``slices``
-        (default: the brain slices), batched."""
+    def detect_passes(self, prep: PreparedVolume, slices: Iterable[int] | None = None,
+                      progress: bool = False) -> list[SlicePasses]:
+        """Each slice's raw instances ``(z, (masks, scores), mirrored or None)`` over
+        ``slices`` (default: the brain slices), batched; masks in export layout, the
+        mirrored pass's flipped back."""
         zs = list(prep.slice_indices if slices is None else slices)
         shape = tuple(prep.images.shape[1:])
-        out = []
+        out: list[SlicePasses] = []
         it = range(0, len(zs), self.batch_size)
         if progress:
             import tqdm
@@ -318,13 +367,38 @@ class VolumePredictor:
                 flipped = self.model.inference(
                     [self._to_input(x[:, ::-1]) for x in rgbs], do_postprocess=False)
             for k, (z, inst) in enumerate(zip(batch, raw)):
-                masks, scores = self._slice_instances(inst.to("cpu"), shape)
+                plain = self._slice_instances(inst.to("cpu"), shape)
+                mirrored = None
                 if self.tta_hflip:
                     fm, fs = self._slice_instances(flipped[k].to("cpu"), shape)
-                    masks, scores = fuse_flip_instances(
-                        masks, scores, [m[:, ::-1] for m in fm], fs)
-                out.append((z, masks, scores))
+                    mirrored = ([m[:, ::-1] for m in fm], fs)
+                out.append((z, plain, mirrored))
         return out
+
+    @staticmethod
+    def fuse(passes: Sequence[SlicePasses], floor: float
+             ) -> list[tuple[int, list[np.ndarray], np.ndarray]]:
+        """Slice detections ``(z, masks, scores)`` from :meth:`detect_passes`: each pass's
+        instances scoring >= ``floor``, the two passes fused by :func:`fuse_flip_instances`
+        when there is a mirrored one."""
+        out = []
+        for z, (masks, scores), mirrored in passes:
+            keep = np.flatnonzero(np.asarray(scores) >= floor)
+            masks, scores = [masks[i] for i in keep], np.asarray(scores)[keep]
+            if mirrored is not None:
+                fkeep = np.flatnonzero(np.asarray(mirrored[1]) >= floor)
+                masks, scores = fuse_flip_instances(
+                    masks, scores, [mirrored[0][i] for i in fkeep],
+                    np.asarray(mirrored[1])[fkeep])
+            out.append((z, masks, scores))
+        return out
+
+    def detect(self, prep: PreparedVolume, slices: Iterable[int] | None = None,
+               progress: bool = False) -> list[tuple[int, list[np.ndarray], np.ndarray]]:
+        """Slice detections ``(z, masks in export layout, scores)`` for the lesions over
+        ``slices`` (default: the brain slices): :meth:`detect_passes` then :meth:`fuse` at
+        the lesions' floor."""
+        return self.fuse(self.detect_passes(prep, slices, progress), self._lesion_floor)
 
     # ------------------------------------------------------------------ 3D
     def _merge(self, detections, volume: Volume, brain_ras: np.ndarray, thresh: float,
@@ -397,10 +471,15 @@ class VolumePredictor:
         t0 = time.perf_counter()
         case = load_case(swi, None, brain_mask, nonfinite=self.params.nonfinite)
         prep = prepare_case(case, self.params)
-        detections = self.detect(prep, progress=progress)
+        passes = self.detect_passes(prep, progress=progress)
+        detections = self.fuse(passes, self._lesion_floor)
         labels, table, rejected = self.to_lesions(prep, detections, case.swi, case.brain,
                                                   patient_id)
-        cands = self.candidates(detections, case.swi, case.brain, patient_id)
+        cands = None
+        if self._candidate_floor is not None:
+            if self._candidate_floor != self._lesion_floor:
+                detections = self.fuse(passes, self._candidate_floor)
+            cands = self.candidates(detections, case.swi, case.brain, patient_id)
         dt = time.perf_counter() - t0
         logger.info("%s: %d lesions (%d rejected) from %d slices in %.1f s",
                     patient_id or swi, len(table), len(rejected), len(prep.slice_indices), dt)

@@ -183,13 +183,94 @@ def test_flip_tta_runs_both_passes(instant_weights, tmp_path) -> None:
     assert (pred.table["max_score"] >= 0.2).all()
 
 
-def test_candidates_below_the_operating_threshold(instant_weights, tmp_path) -> None:
-    """CANDIDATE_THRESH adds candidates.csv and leaves the operating outputs unchanged."""
+def test_mask_iou_on_bounds_equals_the_full_slice_iou() -> None:
+    from detection.inference import _mask_box, _mask_iou
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        a = np.zeros((30, 40), dtype=bool)
+        b = np.zeros((30, 40), dtype=bool)
+        for m in (a, b):
+            if rng.random() < 0.9:  # sometimes empty
+                r, c = rng.integers(0, 25), rng.integers(0, 35)
+                m[r:r + rng.integers(1, 6), c:c + rng.integers(1, 6)] = True
+        assert _mask_iou(a, b, _mask_box(a), _mask_box(b)) == pytest.approx(_mask_iou(a, b))
+    assert _mask_box(np.zeros((3, 3), dtype=bool)) is None
+    one = np.zeros((5, 5), dtype=bool)
+    one[1:3, 2] = True
+    assert _mask_box(one) == (1, 3, 2, 3)
+
+
+def test_fuse_reads_each_pass_down_to_its_floor() -> None:
+    """The pass floor decides whether a weak mirrored instance pairs up or counts as 0."""
+    m = np.zeros((20, 20), dtype=bool)
+    m[5:9, 5:9] = True
+    other = np.zeros_like(m)
+    other[12:15, 12:15] = True
+    passes = [(3, ([m], np.array([0.9])), ([m.copy(), other], np.array([0.15, 0.15])))]
+    [(z, masks, scores)] = VolumePredictor.fuse(passes, 0.1)
+    assert z == 3 and scores.tolist() == pytest.approx([0.525, 0.075])
+    assert np.array_equal(masks[0], m) and np.array_equal(masks[1], other)
+    [(_, masks, scores)] = VolumePredictor.fuse(passes, 0.2)
+    assert scores.tolist() == pytest.approx([0.45]) and len(masks) == 1
+    # without a mirrored pass the floor only filters
+    [(_, masks, scores)] = VolumePredictor.fuse([(0, ([m, other], np.array([0.9, 0.15])),
+                                                   None)], 0.2)
+    assert scores.tolist() == pytest.approx([0.9]) and np.array_equal(masks[0], m)
+
+
+def test_tta_pass_thresh_is_checked(instant_weights) -> None:
+    cfg, weights = instant_weights
+    bad = cfg.clone()
+    bad.defrost()
+    bad.CMB.INFER.TTA_HFLIP = True
+    bad.CMB.INFER.TTA_PASS_THRESH = 0.9
+    with pytest.raises(ValueError, match="TTA_PASS_THRESH"):
+        VolumePredictor(bad, str(weights))
+
+
+def test_candidate_threshold_leaves_the_fused_lesions_alone(instant_weights, tmp_path) -> None:
+    """With the mirrored pass, a weak mirrored twin (0.15) of a 0.9 instance pairs up for
+    the candidates (floor 0.025: mean 0.525) but not for the lesions (floor 0.25: 0.45 <
+    0.5), whether or not candidates are asked for."""
+    cfg, weights = instant_weights
+    swi = _focus_volume(tmp_path)
+
+    def crafted(prep, slices=None, progress=False):  # noqa: ANN001, ANN202
+        h, w = prep.images.shape[1:]
+        nx, ny = 40, 48
+        rr, cc = np.mgrid[0:h, 0:w]
+        x = (cc + 0.5) * nx / w - 0.5  # export layout -> RAS voxel (export_meta.json)
+        y = ny - 1 - ((rr + 0.5) * ny / h - 0.5)
+        focus = (x >= 14.5) & (x < 17.5) & (y >= 19.5) & (y < 22.5)
+        return [(4, ([focus], np.array([0.9])), ([focus.copy()], np.array([0.15])))]
+
+    outs = []
+    for cand in (0.0, 0.05):
+        c = cfg.clone()
+        c.defrost()
+        c.CMB.INFER.SCORE_THRESH = 0.5
+        c.CMB.INFER.TTA_HFLIP = True
+        c.CMB.INFER.CANDIDATE_THRESH = cand
+        vp = VolumePredictor(c, str(weights))
+        vp.detect_passes = crafted
+        outs.append(vp(swi, patient_id="P1"))
+    plain, with_c = outs
+    assert len(plain.table) == 0 and np.array_equal(plain.labels_ras, with_c.labels_ras)
+    assert len(with_c.table) == 0
+    assert with_c.candidates["max_score"].tolist() == pytest.approx([0.525])
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_candidates_below_the_operating_threshold(instant_weights, tmp_path, tta) -> None:
+    """CANDIDATE_THRESH adds candidates.csv and leaves the operating outputs unchanged,
+    with the mirrored pass too (whose fusion reads each pass down to a floor)."""
     cfg, weights = instant_weights
     swi = _focus_volume(tmp_path)
     base = cfg.clone()
     base.defrost()
     base.CMB.INFER.SCORE_THRESH = 0.5
+    base.CMB.INFER.TTA_HFLIP = tta
     plain = VolumePredictor(base, str(weights))(swi, patient_id="P1")
     with_c = base.clone()
     with_c.CMB.INFER.CANDIDATE_THRESH = 0.05
