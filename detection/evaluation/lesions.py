@@ -31,7 +31,10 @@ Conventions (``../shared/REFERENCES.md``; all written into ``metrics.json``)
   every candidate, not only those above the operating ``score_thresh``: the lesions
   before that threshold, or the prediction's ``candidates.csv`` (lesions merged from
   slice instances down to ``CMB.INFER.CANDIDATE_THRESH``) when it has one. A FROC cut
-  at the operating threshold would stop at that threshold's sensitivity.
+  at the operating threshold would stop at that threshold's sensitivity. With candidates,
+  the predicted lesions are swept as well and the curve holds both families' points
+  (each point one threshold applied to every patient), so it passes through the
+  operating point.
 """
 
 from __future__ import annotations
@@ -167,6 +170,8 @@ class PatientEval:
     froc_com: np.ndarray | None = None
     """Centres (mm) of the candidates FROC sweeps over; None: the predicted lesions."""
     froc_scores: np.ndarray | None = None
+    froc_from_candidates: bool = False
+    """True when ``froc_com`` holds explicit candidates (candidates.csv)."""
     ref_volume_mm3: np.ndarray | None = None
     """Volume of each reference lesion (aligned with ``ref_ids``)."""
     pred_volume_mm3: np.ndarray | None = None
@@ -272,7 +277,7 @@ def evaluate_patient(
         patient_id=patient_id, metrics=metrics, pred_ids=pid_arr,
         pred_scores=np.array([score_of.get(int(i), 1.0) for i in pid_arr]),
         pred_com=pcom, ref_ids=rid_arr, ref_com=rcom, matches=matches,
-        froc_com=froc_com, froc_scores=froc_scores,
+        froc_com=froc_com, froc_scores=froc_scores, froc_from_candidates=candidates is not None,
         ref_volume_mm3=np.array([rsize[i] * vox_mm3 for i in rid_arr.tolist()], float),
         pred_volume_mm3=np.array([psize[i] * vox_mm3 for i in pid_arr.tolist()], float))
 
@@ -316,19 +321,18 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
 # ============================================================================ FROC
 
 
-def froc(cases: Sequence[PatientEval], fp_rates: Sequence[float] = FROC_FP_RATES,
-         match_mm: float = 5.0) -> dict[str, Any]:
-    """FROC over patients (module docstring): the curve and sensitivity at ``fp_rates``."""
+def _sweep(cases: Sequence[PatientEval], cand: Sequence[tuple[np.ndarray, np.ndarray]],
+           match_mm: float) -> tuple[list[float], list[float], list[float]]:
+    """Operating points (thresholds, FP per patient, sensitivity) of one family of
+    detections per patient, thresholded at each of their scores and re-matched."""
     n_pat = len(cases)
     total_ref = sum(len(c.ref_ids) for c in cases)
-    cand = [(c.pred_com, c.pred_scores) if c.froc_com is None else (c.froc_com, c.froc_scores)
-            for c in cases]
     pre = [(_candidate_pairs(com, c.ref_com, match_mm), s) for (com, s), c in zip(cand, cases)]
     all_scores = np.concatenate([s for _, s in cand]) if cases else np.zeros(0)
     thr = np.unique(all_scores)[::-1]
     if len(thr) > _MAX_THRESHOLDS:
         thr = np.unique(np.quantile(all_scores, np.linspace(0, 1, _MAX_THRESHOLDS)))[::-1]
-    curve_t, curve_fp, curve_s = [float("inf")], [0.0], [0.0]
+    curve_t, curve_fp, curve_s = [], [], []
     for t in thr:
         tp = fp = 0
         for (pi, ri, _), s in pre:
@@ -339,6 +343,37 @@ def froc(cases: Sequence[PatientEval], fp_rates: Sequence[float] = FROC_FP_RATES
         curve_t.append(float(t))
         curve_fp.append(fp / max(n_pat, 1))
         curve_s.append(tp / total_ref if total_ref else float("nan"))
+    return curve_t, curve_fp, curve_s
+
+
+def froc(cases: Sequence[PatientEval], fp_rates: Sequence[float] = FROC_FP_RATES,
+         match_mm: float = 5.0) -> dict[str, Any]:
+    """FROC over patients (module docstring): the curve and sensitivity at ``fp_rates``.
+
+    With candidates (``froc_com``), the predicted lesions are swept too and both
+    families' operating points form the curve: candidates merged from weaker slice
+    instances can join neighbouring bleeds or move a centre, so at high thresholds the
+    lesions (merged at the operating threshold) are the detector's actual output, and the
+    curve then passes through the operating point itself. ``curve["source"]`` names each
+    point's family.
+    """
+    n_pat = len(cases)
+    total_ref = sum(len(c.ref_ids) for c in cases)
+    lesions = [(c.pred_com, c.pred_scores) for c in cases]
+    cand = [lesions[i] if c.froc_com is None else (c.froc_com, c.froc_scores)
+            for i, c in enumerate(cases)]
+    curve_t, curve_fp, curve_s = [float("inf")], [0.0], [0.0]
+    source = ["none"]
+    has_cand = any(c.froc_from_candidates for c in cases)
+    for name, family in (("candidates" if has_cand else "lesions", cand),
+                         ("lesions", lesions if has_cand else None)):
+        if family is None:
+            continue
+        t, f, sv = _sweep(cases, family, match_mm)
+        curve_t += t
+        curve_fp += f
+        curve_s += sv
+        source += [name] * len(t)
     fps, sens = np.array(curve_fp), np.array(curve_s)
     at, thr_at = [], []
     for r in fp_rates:
@@ -357,7 +392,8 @@ def froc(cases: Sequence[PatientEval], fp_rates: Sequence[float] = FROC_FP_RATES
         "mean_sensitivity": float(np.mean(at)) if total_ref else float("nan"),
         "n_reference_lesions": int(total_ref),
         "n_patients": int(n_pat),
-        "curve": {"threshold": curve_t, "fp_per_patient": curve_fp, "sensitivity": curve_s},
+        "curve": {"threshold": curve_t, "fp_per_patient": curve_fp, "sensitivity": curve_s,
+                  "source": source},
     }
 
 

@@ -188,10 +188,33 @@ def test_froc_sweeps_below_the_operating_threshold():
     r2 = E.evaluate_patient(two_lesions(), ref, EYE, {1: 0.9, 2: 0.3}, score_thresh=0.5,
                             candidates=(extra, np.array([0.9, 0.3, 0.2])))
     fr2 = E.froc([r2])
-    assert fr2["curve"]["fp_per_patient"] == pytest.approx([0, 0, 0, 1.0])
-    assert fr2["curve"]["sensitivity"] == pytest.approx([0, 0.5, 1.0, 1.0])
+    # the candidates' points, then the operating lesions' (lesion 1 at 0.9)
+    assert fr2["curve"]["fp_per_patient"] == pytest.approx([0, 0, 0, 1.0, 0])
+    assert fr2["curve"]["sensitivity"] == pytest.approx([0, 0.5, 1.0, 1.0, 0.5])
+    assert fr2["curve"]["source"] == ["none"] + ["candidates"] * 3 + ["lesions"]
     with pytest.raises(E.LesionEvalError, match="candidate"):
         E.evaluate_patient(two_lesions(), ref, EYE, candidates=(com, np.ones(3)))
+
+
+def test_froc_keeps_the_operating_lesions_when_candidates_merge_bleeds():
+    """Candidates merged from weak slice instances may join two bleeds into one centre
+    between them; the operating lesions found both, and the FROC says so."""
+    ref = np.zeros(SHAPE, np.int32)
+    ref[10, 10, 10], ref[10, 16, 10] = 1, 2  # 6 mm apart
+    pred = np.zeros(SHAPE, np.int32)
+    pred[10, 10, 10], pred[10, 16, 10] = 1, 2
+    merged = np.array([[10.0, 13.0, 10.0], [30.0, 30.0, 5.0]])  # 3 mm from both; an FP
+    r = E.evaluate_patient(pred, ref, EYE, {1: 0.9, 2: 0.8},
+                           candidates=(merged, np.array([0.9, 0.1])))
+    fr = E.froc([r], fp_rates=(0.5, 1.0))
+    assert fr["sensitivity"] == pytest.approx([1.0, 1.0])
+    assert fr["thresholds"] == pytest.approx([0.8, 0.8])
+    src = dict(zip(fr["curve"]["threshold"], fr["curve"]["source"]))
+    assert src[0.1] == "candidates"
+    # the candidates alone would give 0.5 at both rates
+    cand_only = [(t, f, s) for t, f, s, k in zip(*(fr["curve"][key] for key in (
+        "threshold", "fp_per_patient", "sensitivity", "source"))) if k == "candidates"]
+    assert max(s for _, f, s in cand_only if f <= 1.0) == pytest.approx(0.5)
 
 
 def test_cohort_summary_and_report(tmp_path):
