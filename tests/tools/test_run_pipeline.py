@@ -342,15 +342,16 @@ def phantom(tmp_path_factory):
     return d
 
 
-def _fake_detect(self, prep, slices=None, progress=False):
-    """Slice detections at the phantom's foci (image layout: rows anterior->posterior)."""
+def _fake_passes(self, prep, slices=None, progress=False):
+    """Slice instances at the phantom's foci (image layout: rows anterior->posterior), one
+    pass."""
     h, w = prep.images.shape[1:]
     out = []
     for n, (i, j, k) in enumerate(FOCI):
         m = np.zeros((h, w), bool)
         r = PHANTOM_SHAPE[1] - 1 - j
         m[r - 1:r + 2, i - 1:i + 2] = True
-        out.append((k, [m], np.array([0.9 - 0.1 * n])))
+        out.append((k, ([m], np.array([0.9 - 0.1 * n])), None))
     return out
 
 
@@ -358,7 +359,7 @@ def test_predict_patient_writes_every_output(tiny_run, phantom, tmp_path, monkey
     import detection.inference
 
     pp = _load("predict_patient")
-    monkeypatch.setattr(detection.inference.VolumePredictor, "detect", _fake_detect)
+    monkeypatch.setattr(detection.inference.VolumePredictor, "detect_passes", _fake_passes)
     out = tmp_path / "out"
     rc = pp.main(["--run", str(tiny_run), "--swi", str(phantom / "swi.nii.gz"),
                   "--brain-mask", str(phantom / "brain.nii.gz"), "--age", "70",
