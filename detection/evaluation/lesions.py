@@ -365,10 +365,8 @@ def froc(cases: Sequence[PatientEval], fp_rates: Sequence[float] = FROC_FP_RATES
     curve_t, curve_fp, curve_s = [float("inf")], [0.0], [0.0]
     source = ["none"]
     has_cand = any(c.froc_from_candidates for c in cases)
-    for name, family in (("candidates" if has_cand else "lesions", cand),
-                         ("lesions", lesions if has_cand else None)):
-        if family is None:
-            continue
+    families = [("candidates", cand), ("lesions", lesions)] if has_cand else [("lesions", cand)]
+    for name, family in families:
         t, f, sv = _sweep(cases, family, match_mm)
         curve_t += t
         curve_fp += f
