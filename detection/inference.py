@@ -201,19 +201,19 @@ def _mask_box(m: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def _mask_iou(a: np.ndarray, b: np.ndarray, box_a: tuple | None = None,
-              box_b: tuple | None = None) -> float:
-    """IoU of two same-shape masks; with their :func:`_mask_box` bounds given, 0 without
-    computing when the bounds do not meet, otherwise computed over the bounds' union."""
-    if box_a is not None or box_b is not None:
-        if box_a is None or box_b is None:
-            return 0.0
-        if (box_a[0] >= box_b[1] or box_b[0] >= box_a[1] or box_a[2] >= box_b[3]
-                or box_b[2] >= box_a[3]):
-            return 0.0
-        r0, r1 = min(box_a[0], box_b[0]), max(box_a[1], box_b[1])
-        c0, c1 = min(box_a[2], box_b[2]), max(box_a[3], box_b[3])
-        a, b = a[r0:r1, c0:c1], b[r0:r1, c0:c1]
+def _mask_iou(a: np.ndarray, b: np.ndarray, box_a: tuple | None,
+              box_b: tuple | None) -> float:
+    """IoU of two same-shape masks from their :func:`_mask_box` bounds: 0 without computing
+    when either is empty or the bounds do not meet, otherwise computed over the bounds'
+    union (the rest of the slice is empty in both)."""
+    if box_a is None or box_b is None:
+        return 0.0
+    if (box_a[0] >= box_b[1] or box_b[0] >= box_a[1] or box_a[2] >= box_b[3]
+            or box_b[2] >= box_a[3]):
+        return 0.0
+    r0, r1 = min(box_a[0], box_b[0]), max(box_a[1], box_b[1])
+    c0, c1 = min(box_a[2], box_b[2]), max(box_a[3], box_b[3])
+    a, b = a[r0:r1, c0:c1], b[r0:r1, c0:c1]
     inter = np.logical_and(a, b).sum()
     union = np.logical_or(a, b).sum()
     return float(inter) / float(union) if union else 0.0
