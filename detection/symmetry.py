@@ -238,6 +238,9 @@ def mirror_ratio(
     def to_voxels(world: np.ndarray) -> np.ndarray:
         return world @ inv[:3, :3].T + inv[:3, 3]
 
+    def to_world(vox: np.ndarray) -> np.ndarray:
+        return vox @ aff[:3, :3].T + aff[:3, 3]
+
     def sample(vox: np.ndarray) -> np.ndarray:
         return ndi.map_coordinates(image, vox.T, order=1, mode="nearest")
 
@@ -246,11 +249,11 @@ def mirror_ratio(
         origin = np.array([s.start for s in box], dtype=np.float64)
         dist = ndi.distance_transform_edt(~les, sampling=sp)
         ring = (dist > lo) & (dist <= hi) & brain[box]
-        les_w = (np.argwhere(les) + origin) @ aff[:3, :3].T + aff[:3, 3]
+        les_w = to_world(np.argwhere(les) + origin)
         if not ring.any() or np.abs(plane.distance(les_w)).max() < near:
             out[lid] = float("nan")
             continue
-        ring_w = (np.argwhere(ring) + origin) @ aff[:3, :3].T + aff[:3, 3]
+        ring_w = to_world(np.argwhere(ring) + origin)
         img = image[box]
         own = float(np.median(img[ring])) - float(img[les].mean())
         if own <= 0:
