@@ -150,6 +150,20 @@ class GatedAttentionMIL(nn.Module):
             self.crop_mean.fill_(norm.crop_mean)
             self.crop_std.fill_(norm.crop_std)
 
+    def embed_crops(self, crops: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Crop embeddings [B, N, E] of a padded batch; zeros at the padding.
+
+        The CNN runs on the real instances only. Bag sizes are skewed (most patients have
+        a few lesions, some have dozens), so a padded batch of the demo's bags is about
+        70% padding; the attention gives padded positions no weight, so what they hold
+        never reaches the output.
+        """
+        b, n = mask.shape
+        out = crops.new_zeros((b, n, self.params.crop_embed_dim))
+        if bool(mask.any()):
+            out[mask] = self.crop_encoder((crops[mask] - self.crop_mean) / self.crop_std)
+        return out
+
     def forward(
         self,
         crops: torch.Tensor,
@@ -168,8 +182,7 @@ class GatedAttentionMIL(nn.Module):
         b, n = mask.shape
         parts = []
         if self.crop_encoder is not None:
-            c = (crops.reshape(b * n, *crops.shape[2:]) - self.crop_mean) / self.crop_std
-            parts.append(self.crop_encoder(c).reshape(b, n, -1))
+            parts.append(self.embed_crops(crops, mask))
         if self.feature_mlp is not None:
             x = torch.nan_to_num((feats - self.feat_mean) / self.feat_std, nan=0.0)
             parts.append(self.feature_mlp(x))

@@ -116,6 +116,32 @@ def test_attention_sums_to_one_and_padding_invariant() -> None:
         torch.testing.assert_close(alone.logits[0], out.logits[i], atol=1e-5, rtol=1e-5)
 
 
+def test_crop_encoder_sees_real_instances_only() -> None:
+    bags = [pb for pb in _bags(30) if pb.bag.n_instances >= 1][:6] + [_empty()]
+    m = _model(bags)
+    seen: list[int] = []
+    m.crop_encoder.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    out, batch = _forward(m, bags)
+    n_real = int(batch["mask"].sum())
+    assert seen == [n_real] and n_real < batch["mask"].numel()
+    # Same logits as encoding every padded position (the encoding before this change).
+    b, n = batch["mask"].shape
+    crops = (batch["crops"].reshape(b * n, *batch["crops"].shape[2:]) - m.crop_mean) / m.crop_std
+    padded = m.crop_encoder(crops).reshape(b, n, -1)
+    with torch.no_grad():
+        m.embed_crops = lambda c, mask: padded  # type: ignore[method-assign]
+        ref = m(batch["crops"], batch["feats"], batch["mask"], batch["summary"])
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.attention, ref.attention, atol=1e-5, rtol=1e-5)
+    # The encoder still learns through the masked encoding.
+    m.train()
+    del m.embed_crops
+    out, _ = _forward(m, bags, grad=True)
+    out.logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in m.crop_encoder.parameters())
+
+
 def test_features_only_and_crops_only() -> None:
     bags = _bags()
     for kw in ({"use_crops": False}, {"features": [], "use_summary": False}):
