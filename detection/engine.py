@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CMBDatasetMapper",
+    "ClippedSGD",
     "IntensityJitter",
     "IntensityTransform",
     "LesionAwareCrop",
@@ -640,6 +641,36 @@ def positive_repeat_factors(dataset_dicts: Sequence[dict], factor: float) -> tor
     )
 
 
+class ClippedSGD(torch.optim.SGD):
+    """SGD with Detectron2's per-parameter gradient-norm clipping, over all gradients at once.
+
+    Detectron2's ``SOLVER.CLIP_GRADIENTS`` of type ``norm`` limits each parameter's gradient
+    to its own norm, one ``clip_grad_norm_`` call per parameter (82 in the CPU config), and
+    its SGD updates the parameters one by one on a CPU. On 2 cores that Python loop and the
+    update took ~33 ms of a ~0.3 s training iteration. This computes the same norms and
+    scales with multi-tensor calls and runs SGD's multi-tensor update: the same arithmetic,
+    so the weights come out bit for bit the same (``tests/detection/test_engine.py``).
+    """
+
+    def __init__(self, params, *, clip_value: float, norm_type: float = 2.0, **kwargs) -> None:
+        super().__init__(params, foreach=True, **kwargs)
+        self.clip_value = float(clip_value)
+        self.norm_type = float(norm_type)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 - torch.optim.Optimizer.step
+        """Clip every parameter's gradient to ``clip_value`` (its own norm), then step."""
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            # As clip_grad_norm_ on one tensor: the norm of the one-element vector of its
+            # norm, then grad *= min(clip / (norm + 1e-6), 1).
+            norms = torch.stack(torch._foreach_norm(grads, self.norm_type))
+            total = torch.linalg.vector_norm(norms[:, None], self.norm_type, dim=1)
+            coef = torch.clamp(self.clip_value / (total + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, coef.tolist())
+        return super().step(closure)
+
+
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with the CMB evaluator, train loader and best-checkpoint hook."""
 
@@ -655,6 +686,26 @@ class Trainer(DefaultTrainer):
             super().__init__(cfg)
         finally:
             d2_defaults.create_ddp_model = original
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """Detectron2's optimizer; on a CPU with per-parameter norm clipping, the same
+        parameter groups in :class:`ClippedSGD` (same result, less time per step)."""
+        clip = cfg.SOLVER.CLIP_GRADIENTS
+        if not (cfg.MODEL.DEVICE == "cpu" and clip.ENABLED and clip.CLIP_TYPE == "norm"):
+            return super().build_optimizer(cfg, model)
+        from detectron2.solver.build import get_default_optimizer_params
+
+        params = get_default_optimizer_params(
+            model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        )
+        logger.info("optimizer: SGD with per-parameter gradient-norm clipping at %g, batched",
+                    clip.CLIP_VALUE)
+        return ClippedSGD(params, clip_value=clip.CLIP_VALUE, norm_type=clip.NORM_TYPE,
+                          lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
+                          nesterov=cfg.SOLVER.NESTEROV, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
