@@ -69,6 +69,9 @@ __all__ = [
     "SliceInstances",
     "SlicePasses",
     "VolumePredictor",
+    "WindowMask",
+    "as_full",
+    "as_window",
     "fuse_flip_instances",
     "image_mask_to_ras_plane",
     "paste_mask_in_box",
@@ -78,8 +81,63 @@ __all__ = [
 #: ``(slice_index, masks [n, nx, ny] bool on the RAS plane, scores [n])``.
 SliceInstances = tuple[int, np.ndarray, np.ndarray]
 # One slice's raw model output: (z, (masks, scores) of the plain pass, the mirrored pass's
-# (masks flipped back, scores) or None without CMB.INFER.TTA_HFLIP).
+# (masks flipped back, scores) or None without CMB.INFER.TTA_HFLIP). The masks are
+# WindowMask objects from VolumePredictor; full (H, W) bool arrays are accepted too.
 SlicePasses = tuple[int, tuple[list, np.ndarray], "tuple[list, np.ndarray] | None"]
+
+
+@dataclass(frozen=True)
+class WindowMask:
+    """A slice instance's mask kept as the window it was pasted into.
+
+    ``window`` holds rows ``r0 ..`` and columns ``c0 ..`` of a ``shape`` = (H, W) slice;
+    the rest of the slice is background. A full 0.35 mm slice mask is ~300 KB, and a
+    patient's two passes hold over a thousand instances (480 MB for the demo's busiest
+    patient); the windows take a few hundred bytes each.
+    """
+
+    r0: int
+    c0: int
+    window: np.ndarray
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_full(cls, mask: np.ndarray) -> WindowMask:
+        """The tight window of a full (H, W) mask (an empty window when it is empty)."""
+        box = _mask_box(mask)
+        shape = (int(mask.shape[0]), int(mask.shape[1]))
+        if box is None:
+            return cls(0, 0, np.zeros((0, 0), dtype=bool), shape)
+        r0, r1, c0, c1 = box
+        return cls(r0, c0, np.ascontiguousarray(mask[r0:r1, c0:c1], dtype=bool), shape)
+
+    @property
+    def bounds(self) -> tuple[int, int, int, int]:
+        """Half-open ``(r0, r1, c0, c1)`` of the window on the slice."""
+        h, w = self.window.shape
+        return self.r0, self.r0 + h, self.c0, self.c0 + w
+
+    def full(self) -> np.ndarray:
+        """The (H, W) bool mask."""
+        out = np.zeros(self.shape, dtype=bool)
+        r0, r1, c0, c1 = self.bounds
+        out[r0:r1, c0:c1] = self.window
+        return out
+
+    def flip_lr(self) -> WindowMask:
+        """The same mask mirrored left-right on its slice."""
+        _, _, c0, c1 = self.bounds
+        return WindowMask(self.r0, self.shape[1] - c1, self.window[:, ::-1], self.shape)
+
+
+def as_window(mask: np.ndarray | WindowMask) -> WindowMask:
+    """A :class:`WindowMask` as it is; a full (H, W) array as its tight window."""
+    return mask if isinstance(mask, WindowMask) else WindowMask.from_full(np.asarray(mask))
+
+
+def as_full(mask: np.ndarray | WindowMask) -> np.ndarray:
+    """A full (H, W) bool array from either form."""
+    return mask.full() if isinstance(mask, WindowMask) else np.asarray(mask, dtype=bool)
 
 
 def paste_mask_in_box(mask_prob: np.ndarray, box: Sequence[float], height: int, width: int,
@@ -201,48 +259,45 @@ def _mask_box(m: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def _mask_iou(a: np.ndarray, b: np.ndarray, box_a: tuple | None,
-              box_b: tuple | None) -> float:
-    """IoU of two same-shape masks from their :func:`_mask_box` bounds: 0 without computing
-    when either is empty or the bounds do not meet, otherwise computed over the bounds'
-    union (the rest of the slice is empty in both)."""
-    if box_a is None or box_b is None:
-        return 0.0
-    if (box_a[0] >= box_b[1] or box_b[0] >= box_a[1] or box_a[2] >= box_b[3]
-            or box_b[2] >= box_a[3]):
-        return 0.0
-    r0, r1 = min(box_a[0], box_b[0]), max(box_a[1], box_b[1])
-    c0, c1 = min(box_a[2], box_b[2]), max(box_a[3], box_b[3])
-    a, b = a[r0:r1, c0:c1], b[r0:r1, c0:c1]
-    inter = np.logical_and(a, b).sum()
-    union = np.logical_or(a, b).sum()
+def _window_iou(a: WindowMask, b: WindowMask) -> float:
+    """IoU of two masks of one slice, computed where their windows overlap (outside the
+    windows both are empty); 0 when they do not meet or both are empty."""
+    ar0, ar1, ac0, ac1 = a.bounds
+    br0, br1, bc0, bc1 = b.bounds
+    r0, r1, c0, c1 = max(ar0, br0), min(ar1, br1), max(ac0, bc0), min(ac1, bc1)
+    inter = 0
+    if r0 < r1 and c0 < c1:
+        inter = int(np.logical_and(a.window[r0 - ar0:r1 - ar0, c0 - ac0:c1 - ac0],
+                                   b.window[r0 - br0:r1 - br0, c0 - bc0:c1 - bc0]).sum())
+    union = int(a.window.sum()) + int(b.window.sum()) - inter
     return float(inter) / float(union) if union else 0.0
 
 
 def fuse_flip_instances(
-    masks_a: Sequence[np.ndarray], scores_a: np.ndarray,
-    masks_b: Sequence[np.ndarray], scores_b: np.ndarray,
+    masks_a: Sequence[np.ndarray | WindowMask], scores_a: np.ndarray,
+    masks_b: Sequence[np.ndarray | WindowMask], scores_b: np.ndarray,
     iou_thresh: float = 0.2,
-) -> tuple[list[np.ndarray], np.ndarray]:
+) -> tuple[list[np.ndarray | WindowMask], np.ndarray]:
     """Fuse one slice's instances from the plain pass (a) and the mirrored pass (b),
     its masks already flipped back.
 
     Pairs are matched greedily by mask IoU (>= ``iou_thresh``), highest scores first. A
     matched pair keeps the mask of its higher-scoring member and the **mean** of the two
     scores; an instance found in one pass only keeps its mask with **half** its score
-    (the other pass scored it ~0). Returns (masks, scores), highest score first.
+    (the other pass scored it ~0). Returns (masks, scores), highest score first; the masks
+    are the objects passed in (full arrays or :class:`WindowMask`).
     """
     sa = np.asarray(scores_a, dtype=np.float64)
     sb = np.asarray(scores_b, dtype=np.float64)
     used_b = np.zeros(len(sb), dtype=bool)
     out: list[tuple[float, np.ndarray]] = []
-    # Bounds first: most pairs do not meet, and full-slice IoUs dominated the fusion.
-    boxes_a = [_mask_box(m) for m in masks_a]
-    boxes_b = [_mask_box(m) for m in masks_b]
+    # IoUs over the windows only: most pairs do not meet.
+    win_a = [as_window(m) for m in masks_a]
+    win_b = [as_window(m) for m in masks_b]
     for i in np.argsort(-sa, kind="stable"):
         best, best_iou = -1, float(iou_thresh)
         for j in np.flatnonzero(~used_b):
-            iou = _mask_iou(masks_a[i], masks_b[j], boxes_a[i], boxes_b[j])
+            iou = _window_iou(win_a[i], win_b[j])
             if iou >= best_iou:
                 best, best_iou = int(j), iou
         if best >= 0:
@@ -329,7 +384,8 @@ class VolumePredictor:
                 "height": h, "width": w}
 
     def _slice_instances(self, inst: Instances, shape: tuple[int, int]) -> tuple[list, np.ndarray]:
-        """Binary masks (pasted inside their boxes) and scores of one slice's raw output."""
+        """Masks (:class:`WindowMask`, pasted inside their boxes) and scores of one
+        slice's raw output."""
         h, w = shape
         # Nothing under the lowest score kept (candidate / operating threshold, halved
         # with the flip) reaches a lesion or a candidate: never paste it.
@@ -340,17 +396,15 @@ class VolumePredictor:
         masks = []
         for box, prob in zip(boxes, probs):
             rs, cs, m = paste_mask_in_box(prob, box, h, w)
-            full = np.zeros((h, w), dtype=bool)
-            full[rs, cs] = m
-            masks.append(full)
+            masks.append(WindowMask(rs.start, cs.start, m, (h, w)))
         return masks, scores
 
     @torch.inference_mode()
     def detect_passes(self, prep: PreparedVolume, slices: Iterable[int] | None = None,
                       progress: bool = False) -> list[SlicePasses]:
         """Each slice's raw instances ``(z, (masks, scores), mirrored or None)`` over
-        ``slices`` (default: the brain slices), batched; masks in export layout, the
-        mirrored pass's flipped back."""
+        ``slices`` (default: the brain slices), batched; masks (:class:`WindowMask`) in
+        export layout, the mirrored pass's flipped back."""
         zs = list(prep.slice_indices if slices is None else slices)
         shape = tuple(prep.images.shape[1:])
         out: list[SlicePasses] = []
@@ -371,7 +425,7 @@ class VolumePredictor:
                 mirrored = None
                 if self.tta_hflip:
                     fm, fs = self._slice_instances(flipped[k].to("cpu"), shape)
-                    mirrored = ([m[:, ::-1] for m in fm], fs)
+                    mirrored = ([m.flip_lr() for m in fm], fs)
                 out.append((z, plain, mirrored))
         return out
 
@@ -411,7 +465,8 @@ class VolumePredictor:
             keep = [i for i, s in enumerate(scores) if s >= thresh]  # merge drops the rest
             if not keep:
                 continue
-            planes = np.stack([image_mask_to_ras_plane(masks[i], nx, ny) for i in keep])
+            planes = np.stack([image_mask_to_ras_plane(as_full(masks[i]), nx, ny)
+                               for i in keep])
             per_slice.append((z, planes, np.asarray(scores)[keep]))
         merged = merge_slice_instances(per_slice, (nx, ny, nz), slice_axis=2,
                                        score_thresh=thresh)

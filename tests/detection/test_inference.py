@@ -183,10 +183,21 @@ def test_flip_tta_runs_both_passes(instant_weights, tmp_path) -> None:
     assert (pred.table["max_score"] >= 0.2).all()
 
 
-def test_mask_iou_on_bounds_equals_the_full_slice_iou() -> None:
-    from detection.inference import _mask_box, _mask_iou
+def test_window_masks_round_trip_flip_and_iou_as_full_slices() -> None:
+    """Window masks (tight, or padded like a pasted box with empty margins) give the
+    full-slice mask back, mirror like it, and their IoU is the full-slice IoU."""
+    from detection.inference import WindowMask, _mask_box, _window_iou, as_full, as_window
 
     rng = np.random.default_rng(0)
+
+    def padded(m: np.ndarray) -> WindowMask:  # a paste window: box with empty margins
+        box = _mask_box(m)
+        if box is None:
+            return WindowMask(3, 4, np.zeros((2, 5), dtype=bool), m.shape)
+        r0, c0 = max(box[0] - 2, 0), max(box[2] - 1, 0)
+        r1, c1 = min(box[1] + 1, m.shape[0]), min(box[3] + 3, m.shape[1])
+        return WindowMask(r0, c0, m[r0:r1, c0:c1].copy(), m.shape)
+
     for _ in range(50):
         a = np.zeros((30, 40), dtype=bool)
         b = np.zeros((30, 40), dtype=bool)
@@ -196,11 +207,16 @@ def test_mask_iou_on_bounds_equals_the_full_slice_iou() -> None:
                 m[r:r + rng.integers(1, 6), c:c + rng.integers(1, 6)] = True
         union = int((a | b).sum())
         full = int((a & b).sum()) / union if union else 0.0  # over the whole slice
-        assert _mask_iou(a, b, _mask_box(a), _mask_box(b)) == pytest.approx(full)
-    assert _mask_box(np.zeros((3, 3), dtype=bool)) is None
+        for wa, wb in ((as_window(a), as_window(b)), (padded(a), padded(b)),
+                       (padded(a), as_window(b))):
+            assert _window_iou(wa, wb) == full
+            assert np.array_equal(as_full(wa), a) and np.array_equal(wb.full(), b)
+            assert np.array_equal(wa.flip_lr().full(), a[:, ::-1])
+    assert as_window(np.zeros((3, 3), dtype=bool)).window.size == 0
     one = np.zeros((5, 5), dtype=bool)
     one[1:3, 2] = True
-    assert _mask_box(one) == (1, 3, 2, 3)
+    w = as_window(one)
+    assert w.bounds == (1, 3, 2, 3) and as_window(w) is w
 
 
 def test_fuse_reads_each_pass_down_to_its_floor() -> None:
