@@ -646,10 +646,10 @@ class ClippedSGD(torch.optim.SGD):
 
     Detectron2's ``SOLVER.CLIP_GRADIENTS`` of type ``norm`` limits each parameter's gradient
     to its own norm, one ``clip_grad_norm_`` call per parameter (82 in the CPU config), and
-    its SGD updates the parameters one by one on a CPU. On 2 cores that Python loop and the
-    update took ~33 ms of a ~0.3 s training iteration. This computes the same norms and
+    its SGD updates the parameters one by one on a CPU. This computes the same norms and
     scales with multi-tensor calls and runs SGD's multi-tensor update: the same arithmetic,
-    so the weights come out bit for bit the same (``tests/detection/test_engine.py``).
+    so the weights come out bit for bit the same (``tests/detection/test_engine.py``), and
+    an iteration of the 2-process CPU training took 0.271 s instead of 0.289 s (README).
     """
 
     def __init__(self, params, *, clip_value: float, norm_type: float = 2.0, **kwargs) -> None:

@@ -290,7 +290,7 @@ def fuse_flip_instances(
     sa = np.asarray(scores_a, dtype=np.float64)
     sb = np.asarray(scores_b, dtype=np.float64)
     used_b = np.zeros(len(sb), dtype=bool)
-    out: list[tuple[float, np.ndarray]] = []
+    out: list[tuple[float, np.ndarray | WindowMask]] = []
     # IoUs over the windows only: most pairs do not meet.
     win_a = [as_window(m) for m in masks_a]
     win_b = [as_window(m) for m in masks_b]
