@@ -32,6 +32,7 @@ lesions.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -86,7 +87,7 @@ SliceInstances = tuple[int, np.ndarray, np.ndarray]
 SlicePasses = tuple[int, tuple[list, np.ndarray], "tuple[list, np.ndarray] | None"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class WindowMask:
     """A slice instance's mask kept as the window it was pasted into.
 
@@ -110,6 +111,11 @@ class WindowMask:
             return cls(0, 0, np.zeros((0, 0), dtype=bool), shape)
         r0, r1, c0, c1 = box
         return cls(r0, c0, np.ascontiguousarray(mask[r0:r1, c0:c1], dtype=bool), shape)
+
+    @functools.cached_property
+    def area(self) -> int:
+        """Pixels in the mask."""
+        return int(self.window.sum())
 
     @property
     def bounds(self) -> tuple[int, int, int, int]:
@@ -269,7 +275,7 @@ def _window_iou(a: WindowMask, b: WindowMask) -> float:
     if r0 < r1 and c0 < c1:
         inter = int(np.logical_and(a.window[r0 - ar0:r1 - ar0, c0 - ac0:c1 - ac0],
                                    b.window[r0 - br0:r1 - br0, c0 - bc0:c1 - bc0]).sum())
-    union = int(a.window.sum()) + int(b.window.sum()) - inter
+    union = a.area + b.area - inter
     return float(inter) / float(union) if union else 0.0
 
 
