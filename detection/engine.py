@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -706,6 +707,24 @@ class Trainer(DefaultTrainer):
         return ClippedSGD(params, clip_value=clip.CLIP_VALUE, norm_type=clip.NORM_TYPE,
                           lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
                           nesterov=cfg.SOLVER.NESTEROV, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+
+    @classmethod
+    def test_with_TTA(cls, cfg: CfgNode, model: torch.nn.Module) -> OrderedDict:  # noqa: N802
+        """Evaluate the test sets with the volume predictor's mirrored pass
+        (:class:`~detection.inference.MirroredPassTTA`; ``TEST.AUG.ENABLED`` with
+        ``TEST.AUG.FLIP``), into ``OUTPUT_DIR/inference_TTA``; result keys get ``_TTA``.
+        ``TEST.AUG.MIN_SIZES`` / ``MAX_SIZE`` are not used: slices keep their exported
+        spacing (``CMB.INFER.ZOOM`` magnifies them)."""
+        from .inference import MirroredPassTTA
+
+        if not cfg.TEST.AUG.FLIP:
+            raise ValueError("TEST.AUG.ENABLED evaluates the mirrored pass: it needs "
+                             "TEST.AUG.FLIP True")
+        logger.info("evaluating with the mirrored pass (test-time augmentation)")
+        evaluators = [cls.build_evaluator(cfg, name, output_folder=os.path.join(
+            cfg.OUTPUT_DIR, "inference_TTA", name)) for name in cfg.DATASETS.TEST]
+        res = cls.test(cfg, MirroredPassTTA(cfg, model), evaluators)
+        return OrderedDict((f"{k}_TTA", v) for k, v in res.items())
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):

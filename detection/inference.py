@@ -48,7 +48,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
-from detectron2.structures import Instances
+from detectron2.structures import Boxes, Instances
 
 from .config import inference_zoom
 from .data.export_coco import ExportParams, PreparedVolume, prepare_case
@@ -66,6 +66,7 @@ from .symmetry import Plane, midsagittal_plane
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MirroredPassTTA",
     "PatientPrediction",
     "SliceInstances",
     "SlicePasses",
@@ -73,10 +74,12 @@ __all__ = [
     "WindowMask",
     "as_full",
     "as_window",
+    "candidate_threshold",
     "fuse_flip_instances",
     "image_mask_to_ras_plane",
     "paste_mask_in_box",
     "save_overlay",
+    "slice_floors",
 ]
 
 #: ``(slice_index, masks [n, nx, ny] bool on the RAS plane, scores [n])``.
@@ -317,6 +320,93 @@ def fuse_flip_instances(
     return [m for _, m in out], np.array([sc for sc, _ in out], dtype=np.float32)
 
 
+def candidate_threshold(cfg: CfgNode) -> float | None:
+    """``CMB.INFER.CANDIDATE_THRESH`` when it lies strictly between 0 and the operating
+    threshold ``SCORE_THRESH`` (candidates.csv is written), else None."""
+    op = float(cfg.CMB.INFER.SCORE_THRESH)
+    cand = float(cfg.CMB.INFER.CANDIDATE_THRESH)
+    return cand if 0 < cand < op else None
+
+
+def slice_floors(cfg: CfgNode) -> tuple[float, float | None]:
+    """Lowest slice-instance score the lesions and the candidates (None: none written)
+    read. Without the mirrored pass these are their own thresholds. With it, fused scores
+    are means of two passes and an instance under a pass's floor counts as absent (score
+    0): the lesions use ``TTA_PASS_THRESH`` (half of ``SCORE_THRESH`` when 0), the
+    candidates half of ``CANDIDATE_THRESH`` (or the lesions' floor if lower), each fused
+    from the passes separately, so that the candidate threshold never changes lesions.csv."""
+    op = float(cfg.CMB.INFER.SCORE_THRESH)
+    cand = candidate_threshold(cfg)
+    if not cfg.CMB.INFER.TTA_HFLIP:
+        return op, cand
+    pass_thresh = float(cfg.CMB.INFER.TTA_PASS_THRESH)
+    if not 0 <= pass_thresh <= op:
+        raise ValueError(f"CMB.INFER.TTA_PASS_THRESH must lie in [0, SCORE_THRESH "
+                         f"= {op}], got {pass_thresh}")
+    lesion = pass_thresh if pass_thresh > 0 else 0.5 * op
+    return lesion, (min(lesion, 0.5 * cand) if cand is not None else None)
+
+
+class MirroredPassTTA(torch.nn.Module):
+    """A Detectron2 model run as :class:`VolumePredictor` runs it with
+    ``CMB.INFER.TTA_HFLIP``, for slice-level COCO evaluation (``TEST.AUG.ENABLED``,
+    :meth:`detection.engine.Trainer.test_with_TTA`): each image also mirrored left-right,
+    its instances flipped back and the two passes fused by :func:`fuse_flip_instances`
+    (mean score of a matched pair, half the score of an instance seen in one pass), each
+    pass's instances under the lowest floor of :func:`slice_floors` left out. Inference
+    only; the boxes are those of the kept member of each pair."""
+
+    def __init__(self, cfg: CfgNode, model: torch.nn.Module):
+        super().__init__()
+        self.model = getattr(model, "module", model)  # not through a DDP wrapper
+        tta_cfg = cfg.clone()
+        tta_cfg.defrost()
+        tta_cfg.CMB.INFER.TTA_HFLIP = True
+        self.floor = min(f for f in slice_floors(tta_cfg) if f is not None)
+
+    def _pass(self, inputs: list[dict], mirrored: bool) -> list[Instances]:
+        if mirrored:
+            inputs = [dict(x, image=x["image"].flip(-1)) for x in inputs]
+        outs = [o["instances"].to("cpu") for o in self.model.inference(inputs)]
+        outs = [inst[inst.scores >= self.floor] for inst in outs]
+        if mirrored:
+            for inst in outs:
+                w = inst.image_size[1]
+                box = inst.pred_boxes.tensor.clone()
+                inst.pred_boxes.tensor[:, 0] = w - box[:, 2]
+                inst.pred_boxes.tensor[:, 2] = w - box[:, 0]
+                inst.pred_masks = inst.pred_masks.flip(-1)
+        return outs
+
+    def forward(self, batched_inputs: list[dict]) -> list[dict]:
+        """``[{"instances": Instances}]`` per input, as ``GeneralizedRCNN`` at test time."""
+        if self.training:
+            raise RuntimeError("MirroredPassTTA is for inference only")
+        with torch.no_grad():
+            plain = self._pass(batched_inputs, mirrored=False)
+            mirror = self._pass(batched_inputs, mirrored=True)
+        results = []
+        for a, b in zip(plain, mirror):
+            masks_a = [m.numpy().astype(bool) for m in a.pred_masks]
+            masks_b = [m.numpy().astype(bool) for m in b.pred_masks]
+            masks, scores = fuse_flip_instances(masks_a, a.scores.numpy(),
+                                                masks_b, b.scores.numpy())
+            # Each fused instance keeps the box and class of the member whose mask it kept.
+            source = {id(m): (a, i) for i, m in enumerate(masks_a)}
+            source.update({id(m): (b, i) for i, m in enumerate(masks_b)})
+            fused = Instances(a.image_size)
+            idx = [source[id(m)] for m in masks]
+            fused.pred_boxes = Boxes(torch.stack([inst.pred_boxes.tensor[i] for inst, i in idx])
+                                     if idx else torch.zeros((0, 4)))
+            fused.pred_classes = torch.as_tensor([int(inst.pred_classes[i]) for inst, i in idx],
+                                                 dtype=torch.int64)
+            fused.scores = torch.as_tensor(scores, dtype=torch.float32)
+            fused.pred_masks = (torch.as_tensor(np.stack(masks)) if masks
+                                else torch.zeros((0, *a.image_size), dtype=torch.bool))
+            results.append({"instances": fused})
+        return results
+
+
 class VolumePredictor:
     """Run a trained config + weights over whole SWI volumes (see the module docstring)."""
 
@@ -333,24 +423,8 @@ class VolumePredictor:
         predictor = getattr(getattr(self.model, "roi_heads", None), "box_predictor", None)
         self.tta_hflip = bool(cfg.CMB.INFER.TTA_HFLIP)
         op = float(cfg.CMB.INFER.SCORE_THRESH)
-        cand = float(cfg.CMB.INFER.CANDIDATE_THRESH)
-        self.candidate_thresh = cand if 0 < cand < op else None
-        # Lowest slice-instance score each output reads. Without the flip that is its own
-        # threshold. With it, fused scores are means of two passes and an instance under
-        # the pass floor counts as absent (score 0): the lesions use TTA_PASS_THRESH (half
-        # of SCORE_THRESH when 0), the candidates half of CANDIDATE_THRESH (or the lesions'
-        # floor if lower), each fused from the passes separately, so that the candidate
-        # threshold never changes lesions.csv.
-        if self.tta_hflip:
-            pass_thresh = float(cfg.CMB.INFER.TTA_PASS_THRESH)
-            if not 0 <= pass_thresh <= op:
-                raise ValueError(f"CMB.INFER.TTA_PASS_THRESH must lie in [0, SCORE_THRESH "
-                                 f"= {op}], got {pass_thresh}")
-            self._lesion_floor = pass_thresh if pass_thresh > 0 else 0.5 * op
-            self._candidate_floor = (min(self._lesion_floor, 0.5 * cand)
-                                     if self.candidate_thresh is not None else None)
-        else:
-            self._lesion_floor, self._candidate_floor = op, self.candidate_thresh
+        self.candidate_thresh = candidate_threshold(cfg)
+        self._lesion_floor, self._candidate_floor = slice_floors(cfg)
         self._raw_thresh = min(f for f in (self._lesion_floor, self._candidate_floor)
                                if f is not None)
         if predictor is not None and hasattr(predictor, "test_score_thresh"):

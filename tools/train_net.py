@@ -7,6 +7,8 @@ Examples::
     python tools/train_net.py --config-file configs/CMB-RCNN-Lite-FPN-cpu.yaml --cpu-procs 2
     python tools/train_net.py --config-file configs/CMB-RCNN-R50-FPN-gpu.yaml --num-gpus 4
     python tools/train_net.py --config-file C --eval-only MODEL.WEIGHTS output/x/model_best.pth
+    python tools/train_net.py --config-file C --eval-only MODEL.WEIGHTS W TEST.AUG.ENABLED True
+        # also evaluates with the volume predictor's mirrored pass (results *_TTA)
 
 Trailing ``KEY VALUE`` pairs override config keys (``CMB.DATA_ROOT datasets/my_coco``).
 """
@@ -25,7 +27,12 @@ from detection.engine import Trainer, setup_cfg  # noqa: E402
 
 import detectron2.utils.comm as comm  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.engine import (  # noqa: E402
+    default_argument_parser,
+    default_setup,
+    hooks,
+    launch,
+)
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
@@ -56,11 +63,16 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    if cfg.TEST.AUG.ENABLED:
+        trainer.register_hooks(
+            [hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))])
     return trainer.train()
 
 

@@ -158,12 +158,16 @@ def test_instant_config_trains_then_eval_only_reloads(tiny_dataset: str, tmp_pat
     assert any("total_loss" in m and np.isfinite(m["total_loss"]) for m in metrics)
 
     eval_args = train_net.default_argument_parser().parse_args(
-        [*common, "--eval-only", *opts, "MODEL.WEIGHTS", str(out_dir / "model_final.pth")]
+        [*common, "--eval-only", *opts, "MODEL.WEIGHTS", str(out_dir / "model_final.pth"),
+         "TEST.AUG.ENABLED", "True"]
     )
     res = train_net.main(eval_args)
-    # One test dataset: Trainer.test returns its results directly.
-    assert set(res) >= {"bbox", "segm", "bbox_raw", "segm_raw"}
+    # One test dataset: Trainer.test returns its results directly; with TEST.AUG.ENABLED
+    # also those of the mirrored pass, in their own folder.
+    assert set(res) >= {"bbox", "segm", "bbox_raw", "segm_raw", "bbox_TTA", "segm_TTA",
+                        "bbox_raw_TTA", "segm_raw_TTA"}
     assert (out_dir / "inference" / tiny_dataset / "raw" / "coco_instances_results.json").is_file()
+    assert (out_dir / "inference_TTA" / tiny_dataset / "coco_instances_results.json").is_file()
     ap50 = res["segm"]["AP50"]
     assert np.isnan(ap50) or 0.0 <= ap50 <= 100.0
 

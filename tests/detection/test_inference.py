@@ -9,6 +9,7 @@ from pathlib import Path
 import detection  # noqa: F401
 from detection.engine import setup_cfg
 from detection.inference import (
+    MirroredPassTTA,
     VolumePredictor,
     image_mask_to_ras_plane,
     paste_mask_in_box,
@@ -22,7 +23,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers.mask_ops import paste_masks_in_image
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes
+from detectron2.structures import Boxes, Instances
 
 INSTANT = (Path(__file__).resolve().parents[2] / "configs" / "quick_schedules"
            / "cmb_R_18_FPN_instant_test.yaml")
@@ -420,3 +421,68 @@ def test_mirror_rule_follows_the_config(instant_weights, tmp_path, caplog) -> No
     with caplog.at_level(logging.WARNING, logger="detection.inference"):
         assert vp._mirror_plane(case.swi, tiny) is None
     assert "no mid-sagittal plane" in caplog.text
+
+
+class _DarkSpotModel(torch.nn.Module):
+    """Stand-in detector: one instance per dark spot (grey < 100), scored 0.9 in the left
+    half of the image and 0.5 in the right half, plus a spurious 0.3 instance in the
+    top-left corner of every image it sees."""
+
+    def inference(self, batched_inputs):
+        out = []
+        for x in batched_inputs:
+            grey = x["image"][1]
+            h, w = grey.shape
+            dark = grey < 100
+            masks, scores = [], []
+            for c0 in (0, w // 2):  # one spot per half in these tests
+                m = torch.zeros((h, w), dtype=torch.bool)
+                m[:, c0:c0 + w // 2] = dark[:, c0:c0 + w // 2]
+                if m.any():
+                    masks.append(m)
+                    scores.append(0.9 if c0 == 0 else 0.5)
+            corner = torch.zeros((h, w), dtype=torch.bool)
+            corner[0:3, 0:3] = True
+            masks.append(corner)
+            scores.append(0.3)
+            inst = Instances((h, w))
+            inst.pred_masks = torch.stack(masks)
+            inst.pred_boxes = Boxes(torch.stack([_tight_box(m) for m in masks]))
+            inst.scores = torch.tensor(scores)
+            inst.pred_classes = torch.zeros(len(masks), dtype=torch.int64)
+            out.append({"instances": inst})
+        return out
+
+
+def _tight_box(m: torch.Tensor) -> torch.Tensor:
+    rows = torch.nonzero(m.any(1))[:, 0]
+    cols = torch.nonzero(m.any(0))[:, 0]
+    return torch.tensor([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=torch.float32)
+
+
+def test_mirrored_pass_tta_fuses_the_passes_like_the_volume_predictor() -> None:
+    """Each spot is found in both passes (left 0.9 / right 0.5 -> mean 0.7, back at its own
+    place with its own box); the corner artefact of each pass lands on opposite corners,
+    so each is unmatched and keeps half its score."""
+    cfg = setup_cfg(Path(__file__).resolve().parents[2] / "configs" / "CMB-RCNN-Lite-FPN-cpu.yaml")
+    h, w = 20, 40
+    img = torch.full((3, h, w), 200, dtype=torch.uint8)
+    img[:, 5:9, 6:9] = 0  # left spot
+    img[:, 10:13, 28:33] = 50  # right spot
+    tta = MirroredPassTTA(cfg, _DarkSpotModel()).eval()
+    inst = tta([{"image": img, "height": h, "width": w}])[0]["instances"]
+    assert len(inst) == 4
+    assert inst.scores.tolist() == pytest.approx([0.7, 0.7, 0.15, 0.15])
+    spots = {int(torch.nonzero(m.any(0))[0, 0]): (m, b) for m, b in
+             zip(inst.pred_masks[:2], inst.pred_boxes.tensor[:2])}
+    assert sorted(spots) == [6, 28]
+    assert torch.equal(spots[6][0], img[0] == 0)  # each spot back at its own place
+    assert torch.equal(spots[28][0], img[0] == 50)
+    corners = {tuple(_tight_box(m).tolist()) for m in inst.pred_masks[2:]}
+    assert corners == {(0.0, 0.0, 3.0, 3.0), (w - 3.0, 0.0, float(w), 3.0)}
+    for m, b in zip(inst.pred_masks, inst.pred_boxes.tensor):
+        assert torch.equal(b, _tight_box(m))
+    # Pass instances under the volume predictor's lowest floor are left out.
+    tta.floor = 0.35
+    inst = tta([{"image": img, "height": h, "width": w}])[0]["instances"]
+    assert inst.scores.tolist() == pytest.approx([0.7, 0.7])
