@@ -30,6 +30,10 @@ def add_cmb_config(cfg: CN) -> None:
     # Intensity shading: divide out a polynomial field of this degree fitted to the brain's
     # log intensity before the percentile scaling (0 = off). Scanners differ much in it.
     _C.CMB.BIAS_DEGREE = 0
+    # Brain intensity percentiles (low, high) mapped to 0..255 in the exported and
+    # predicted slices. A low of 1 clips every voxel darker than the brain's darkest 1 %
+    # (veins, iron, every bleed with its halo) to 0; a low of 0 keeps the dark range.
+    _C.CMB.INTENSITY_PERCENTILES = (1.0, 99.0)
     # Training loader: slices with at least one CMB are drawn this many times more
     # often than empty slices (1.0 = no oversampling).
     _C.CMB.POSITIVE_OVERSAMPLE = 4.0

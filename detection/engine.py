@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from collections import OrderedDict
@@ -800,4 +801,34 @@ def register_from_cfg(cfg: CfgNode) -> list[str]:
         return []
     from .data.register import register_cmb_datasets
 
+    for msg in export_mismatches(cfg, root):
+        logger.warning("%s", msg)
     return register_cmb_datasets(root)
+
+
+def export_mismatches(cfg: CfgNode, root: str | os.PathLike) -> list[str]:
+    """How the slices of the export at ``root`` were prepared differently from what
+    ``cfg`` prepares at prediction time (spacing, context, skull strip, shading, intensity
+    window). A detector trained on one and run on the other sees other images."""
+    meta_path = Path(root) / "export_meta.json"
+    if not meta_path.is_file():
+        return []
+    try:
+        params = json.loads(meta_path.read_text())["params"]
+    except (OSError, ValueError, KeyError) as exc:
+        return [f"{meta_path}: unreadable export parameters ({exc})"]
+    want = {
+        "target_spacing": (float(cfg.CMB.TARGET_SPACING), "CMB.TARGET_SPACING"),
+        "context_offset": (int(cfg.CMB.CONTEXT_OFFSET), "CMB.CONTEXT_OFFSET"),
+        "brain_margin_mm": (float(cfg.CMB.BRAIN_MARGIN_MM), "CMB.BRAIN_MARGIN_MM"),
+        "bias_degree": (int(cfg.CMB.BIAS_DEGREE), "CMB.BIAS_DEGREE"),
+        "percentiles": ([float(v) for v in cfg.CMB.INTENSITY_PERCENTILES],
+                        "CMB.INTENSITY_PERCENTILES"),
+    }
+    out = []
+    for key, (value, name) in want.items():
+        if key in params and params[key] != value:
+            out.append(f"{meta_path}: exported with {key}={params[key]}, but {name} is {value}: "
+                       "prediction with this config prepares the slices differently; "
+                       "re-export or set the key to match")
+    return out

@@ -450,6 +450,7 @@ class VolumePredictor:
             context_offset=cfg.CMB.CONTEXT_OFFSET, target_spacing=spacing / self.zoom,
             brain_margin_mm=float(cfg.CMB.BRAIN_MARGIN_MM),
             bias_degree=int(cfg.CMB.BIAS_DEGREE),
+            percentiles=tuple(float(v) for v in cfg.CMB.INTENSITY_PERCENTILES),
         )
         self.region_fn = region_fn
         self.batch_size = max(1, int(cfg.CMB.INFER.BATCH_SIZE))

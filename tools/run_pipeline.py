@@ -450,6 +450,7 @@ class Demo:
                 "context_offset": int(cfg.CMB.CONTEXT_OFFSET),
                 "brain_margin_mm": float(cfg.CMB.BRAIN_MARGIN_MM),
                 "bias_degree": int(cfg.CMB.BIAS_DEGREE),
+                "percentiles": [float(v) for v in cfg.CMB.INTENSITY_PERCENTILES],
                 # patient folds for users' CV runs (the demo trains on all of cmb_dev)
                 "folds": 5 if n_dev >= 10 else 0,
                 "external": self.external, "seed": self.args.seed}
@@ -527,7 +528,7 @@ class Demo:
         s = export_coco(self.L.manifest, self.L.coco, context_offset=p["context_offset"],
                         target_spacing=p["target_spacing"], folds=p["folds"],
                         brain_margin_mm=p["brain_margin_mm"],
-                        bias_degree=p["bias_degree"],
+                        bias_degree=p["bias_degree"], percentiles=p["percentiles"],
                         external_centers=self.external, workers=max(1, self.args.workers),
                         seed=self.args.seed, progress=True)
         return f"{s.n_images} slices, {s.n_annotations} annotations"

@@ -126,6 +126,10 @@ class ExportParams:
             raise ValueError(f"slices must be 'brain' or 'all', got {self.slices!r}")
         if self.nonfinite not in ("error", "zero"):
             raise ValueError(f"nonfinite must be 'error' or 'zero', got {self.nonfinite!r}")
+        lo, hi = (float(v) for v in self.percentiles)
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got "
+                             f"{tuple(self.percentiles)}")
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly dict."""
@@ -698,6 +702,7 @@ def export_coco(
     progress: bool = True,
     brain_margin_mm: float = -1.0,
     bias_degree: int = 0,
+    percentiles: Sequence[float] = (1.0, 99.0),
 ) -> ExportSummary:
     """Export a cohort (manifest CSV, nnU-Net folder, or a DataFrame from
     :func:`~detection.data.manifest.read_cohort`) to ``out``.
@@ -714,6 +719,7 @@ def export_coco(
         nonfinite=nonfinite,
         brain_margin_mm=float(brain_margin_mm),
         bias_degree=int(bias_degree),
+        percentiles=tuple(float(v) for v in percentiles),
     )
     if isinstance(manifest, pd.DataFrame):
         cohort = manifest.reset_index(drop=True)

@@ -14,6 +14,7 @@ from detection.engine import (
     IntensityTransform,
     LesionAwareCrop,
     Trainer,
+    export_mismatches,
     positive_repeat_factors,
     setup_cfg,
 )
@@ -459,3 +460,23 @@ def test_clipped_sgd_matches_detectron2_bit_for_bit() -> None:
     cfg.defrost()
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "value"
     assert not isinstance(Trainer.build_optimizer(cfg, model), ClippedSGD)
+
+
+def test_export_mismatches_name_the_keys_that_differ(tmp_path: Path) -> None:
+    from detection.data.export_coco import ExportParams
+
+    cfg = setup_cfg(INSTANT)
+    assert export_mismatches(cfg, tmp_path) == []  # no export there
+    params = ExportParams(context_offset=int(cfg.CMB.CONTEXT_OFFSET),
+                          target_spacing=float(cfg.CMB.TARGET_SPACING))
+    (tmp_path / "export_meta.json").write_text(json.dumps({"params": params.as_dict()}))
+    assert export_mismatches(cfg, tmp_path) == []
+    cfg.defrost()
+    cfg.CMB.INTENSITY_PERCENTILES = (0.0, 99.0)
+    cfg.CMB.BIAS_DEGREE = 2
+    msgs = export_mismatches(cfg, tmp_path)
+    assert len(msgs) == 2
+    assert "percentiles=[1.0, 99.0]" in msgs[1] and "CMB.INTENSITY_PERCENTILES" in msgs[1]
+    assert "CMB.BIAS_DEGREE" in msgs[0]
+    (tmp_path / "export_meta.json").write_text("{not json")
+    assert "unreadable" in export_mismatches(cfg, tmp_path)[0]

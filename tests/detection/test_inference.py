@@ -305,7 +305,7 @@ def test_candidates_below_the_operating_threshold(instant_weights, tmp_path, tta
     assert not (plain.write(tmp_path / "P0", overlay=False) / "candidates.csv").exists()
 
 
-def test_zoom_magnifies_the_slices_and_keeps_the_input_grid(instant_weights, tmp_path) -> None:
+def test_zoom_and_intensity_window_follow_the_config(instant_weights, tmp_path) -> None:
     cfg, weights = instant_weights
     swi = _focus_volume(tmp_path)
     plain = VolumePredictor(cfg, str(weights))
@@ -322,6 +322,11 @@ def test_zoom_magnifies_the_slices_and_keeps_the_input_grid(instant_weights, tmp
         return inner(inputs, **kw)
 
     zoomed.model.inference = shapes
+    wcfg = cfg.clone()
+    wcfg.defrost()
+    wcfg.CMB.INTENSITY_PERCENTILES = (0.0, 99.5)
+    assert plain.params.percentiles == (1.0, 99.0)
+    assert VolumePredictor(wcfg, str(weights)).params.percentiles == (0.0, 99.5)
     pred = zoomed(swi, patient_id="P1")
     # 40 x 48 voxels of 1 mm at TARGET_SPACING 1.0 / zoom 2: 96 rows (y) x 80 columns (x)
     assert seen and set(seen) == {(96, 80)}

@@ -519,3 +519,39 @@ def test_brain_margin_strips_the_head_outside_the_brain(tmp_path: Path) -> None:
     assert (wide.images[brain] == whole.images[brain]).all()
     assert ex.brain_with_margin(np.zeros((3, 3, 3), bool), (1, 1, 1), 2.0).all()
     assert ex.ExportParams(brain_margin_mm=2.0).as_dict()["brain_margin_mm"] == 2.0
+
+
+def test_intensity_percentiles_keep_the_dark_range(tmp_path: Path) -> None:
+    """A bleed's near-void core inside its lighter halo: at the default low percentile
+    (1) both clip to 0; at 0 the core stays darker than the halo, and tissue keeps its
+    order."""
+    from detection.data.volume import load_case
+
+    rng = np.random.default_rng(0)
+    shape = (40, 40, 6)
+    swi = rng.normal(100.0, 2.0, shape).astype(np.float32)
+    grid = np.indices(shape[:2]).astype(float)
+    r = np.hypot(grid[0] - 20, grid[1] - 20)
+    for z in (2, 3):  # core 2 voxels wide at 15 % of tissue, halo to 5 voxels at 50 %
+        swi[:, :, z][r <= 5] = 50.0
+        swi[:, :, z][r <= 2] = 15.0
+    swi[5:8, 5:8, :] = 30.0  # a vein, darker than the halo, lighter than the core
+    brain = np.ones(shape, np.uint8)
+    for name, arr in (("swi", swi), ("brain", brain)):
+        nib.save(nib.Nifti1Image(arr, np.diag([0.9, 0.9, 2.0, 1.0])), tmp_path / f"{name}.nii.gz")
+    case = load_case(tmp_path / "swi.nii.gz", None, tmp_path / "brain.nii.gz")
+    native = {"target_spacing": 0.0, "slices": "all"}
+    clipped = ex.prepare_case(case, ex.ExportParams(**native)).images
+    kept = ex.prepare_case(case, ex.ExportParams(percentiles=(0.0, 99.0), **native)).images
+
+    def at(img: np.ndarray, x: int, y: int, z: int) -> int:
+        # export layout: (z, rows = RAS y reversed, cols = RAS x)
+        return int(img[z, shape[1] - 1 - y, x])
+
+    core, halo, vein, tissue = (20, 20, 2), (20, 24, 2), (6, 6, 2), (35, 35, 2)
+    assert at(clipped, *core) == at(clipped, *halo) == at(clipped, *vein) == 0
+    assert at(kept, *core) < at(kept, *vein) < at(kept, *halo) < at(kept, *tissue)
+    assert at(kept, *core) <= 5  # the darkest brain voxel maps to 0
+    for bad in ((-1.0, 99.0), (50.0, 50.0), (1.0, 101.0)):
+        with pytest.raises(ValueError, match="percentiles"):
+            ex.ExportParams(percentiles=bad)
