@@ -467,16 +467,17 @@ def test_export_mismatches_name_the_keys_that_differ(tmp_path: Path) -> None:
 
     cfg = setup_cfg(INSTANT)
     assert export_mismatches(cfg, tmp_path) == []  # no export there
+    assert tuple(cfg.CMB.INTENSITY_PERCENTILES) == (0.0, 99.0)  # the configs' window
     params = ExportParams(context_offset=int(cfg.CMB.CONTEXT_OFFSET),
-                          target_spacing=float(cfg.CMB.TARGET_SPACING))
+                          target_spacing=float(cfg.CMB.TARGET_SPACING), percentiles=(0.0, 99.0))
     (tmp_path / "export_meta.json").write_text(json.dumps({"params": params.as_dict()}))
     assert export_mismatches(cfg, tmp_path) == []
     cfg.defrost()
-    cfg.CMB.INTENSITY_PERCENTILES = (0.0, 99.0)
+    cfg.CMB.INTENSITY_PERCENTILES = (1.0, 99.0)
     cfg.CMB.BIAS_DEGREE = 2
     msgs = export_mismatches(cfg, tmp_path)
     assert len(msgs) == 2
-    assert "percentiles=[1.0, 99.0]" in msgs[1] and "CMB.INTENSITY_PERCENTILES" in msgs[1]
+    assert "percentiles=[0.0, 99.0]" in msgs[1] and "CMB.INTENSITY_PERCENTILES" in msgs[1]
     assert "CMB.BIAS_DEGREE" in msgs[0]
     (tmp_path / "export_meta.json").write_text("{not json")
     assert "unreadable" in export_mismatches(cfg, tmp_path)[0]

@@ -324,9 +324,9 @@ def test_zoom_and_intensity_window_follow_the_config(instant_weights, tmp_path) 
     zoomed.model.inference = shapes
     wcfg = cfg.clone()
     wcfg.defrost()
-    wcfg.CMB.INTENSITY_PERCENTILES = (0.0, 99.5)
-    assert plain.params.percentiles == (1.0, 99.0)
-    assert VolumePredictor(wcfg, str(weights)).params.percentiles == (0.0, 99.5)
+    wcfg.CMB.INTENSITY_PERCENTILES = (2.0, 99.5)
+    assert plain.params.percentiles == tuple(cfg.CMB.INTENSITY_PERCENTILES)
+    assert VolumePredictor(wcfg, str(weights)).params.percentiles == (2.0, 99.5)
     pred = zoomed(swi, patient_id="P1")
     # 40 x 48 voxels of 1 mm at TARGET_SPACING 1.0 / zoom 2: 96 rows (y) x 80 columns (x)
     assert seen and set(seen) == {(96, 80)}
