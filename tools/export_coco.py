@@ -51,10 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bias-degree", type=int, default=0,
                     help="divide out a smooth intensity field (polynomial of this degree fitted "
                          "in the brain) before scaling; match CMB.BIAS_DEGREE; 0 = off")
-    ap.add_argument("--percentiles", type=float, nargs=2, default=(1.0, 99.0),
+    ap.add_argument("--percentiles", type=float, nargs=2, default=(0.0, 99.0),
                     metavar=("LOW", "HIGH"),
-                    help="brain intensity percentiles mapped to 0..255; match "
-                         "CMB.INTENSITY_PERCENTILES (default %(default)s)")
+                    help="brain intensity percentiles mapped to 0..255; match the detector "
+                         "config's CMB.INTENSITY_PERCENTILES (default %(default)s, as in the "
+                         "configs; 1 99 for detectors trained before Nov 2026)")
     ap.add_argument("--folds", type=int, default=5, help="patient-level folds (0: none)")
     ap.add_argument("--external-center", action="append", default=[], metavar="C",
                     help="held-out centre (repeatable, or comma separated)")

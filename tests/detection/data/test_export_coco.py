@@ -474,6 +474,8 @@ def test_cli(cohort: Path, tmp_path: Path, capsys, caplog) -> None:
     assert tool.main(args) == 0
     assert "0 up to date" in capsys.readouterr().out
     assert json.loads((out / "splits.json").read_text())["n_folds"] == 2
+    # the shipped configs' window by default, so an export matches them
+    assert json.loads((out / "export_meta.json").read_text())["params"]["percentiles"] == [0, 99]
     bad = ["--manifest", str(cohort), "--out", str(out), "--external-center", "Q", "--quiet"]
     assert tool.main(bad) == 2
     assert "external centre(s) ['Q'] not in the cohort" in caplog.text
