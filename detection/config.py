@@ -9,6 +9,18 @@ from __future__ import annotations
 from detectron2.config import CfgNode as CN
 
 from . import backbone  # noqa: F401  (registers build_cmb_lite_fpn_backbone)
+from .data.export_coco import ExportParams
+
+#: The :class:`ExportParams` field each detector config key sets. The exporter (training
+#: slices) and the volume predictor must prepare slices alike; :func:`export_params` is the
+#: one mapping from a config to those parameters.
+EXPORT_PARAM_KEYS: dict[str, str] = {
+    "target_spacing": "CMB.TARGET_SPACING",
+    "context_offset": "CMB.CONTEXT_OFFSET",
+    "brain_margin_mm": "CMB.BRAIN_MARGIN_MM",
+    "bias_degree": "CMB.BIAS_DEGREE",
+    "percentiles": "CMB.INTENSITY_PERCENTILES",
+}
 
 
 def add_cmb_config(cfg: CN) -> None:
@@ -145,3 +157,18 @@ def inference_zoom(cfg: CN) -> float:
         raise ValueError("CMB.INFER.ZOOM needs CMB.TARGET_SPACING > 0 (slices on their native "
                          f"grid cannot be magnified consistently), got ZOOM {zoom}")
     return zoom
+
+
+def export_params(cfg: CN, zoom: float = 1.0) -> ExportParams:
+    """How ``cfg`` prepares slices (:data:`EXPORT_PARAM_KEYS`), validated. ``zoom`` > 1
+    divides the spacing (test-time magnification, ``CMB.INFER.ZOOM``); the export and the
+    up-to-date stamps use 1."""
+    if not (zoom > 0 and zoom < float("inf")):
+        raise ValueError(f"zoom must be a positive number, got {zoom}")
+    return ExportParams(
+        target_spacing=float(cfg.CMB.TARGET_SPACING) / zoom,
+        context_offset=int(cfg.CMB.CONTEXT_OFFSET),
+        brain_margin_mm=float(cfg.CMB.BRAIN_MARGIN_MM),
+        bias_degree=int(cfg.CMB.BIAS_DEGREE),
+        percentiles=tuple(float(v) for v in cfg.CMB.INTENSITY_PERCENTILES),
+    )

@@ -41,7 +41,7 @@ from detectron2.structures import BitMasks, BoxMode
 from detectron2.utils import comm
 
 from .compat import fill_empty_extension
-from .config import add_cmb_config, inference_zoom
+from .config import EXPORT_PARAM_KEYS, add_cmb_config, export_params, inference_zoom
 from .distributed import ddp_for
 from .evaluation.slices import build_slice_evaluators
 
@@ -817,18 +817,11 @@ def export_mismatches(cfg: CfgNode, root: str | os.PathLike) -> list[str]:
         params = json.loads(meta_path.read_text())["params"]
     except (OSError, ValueError, KeyError) as exc:
         return [f"{meta_path}: unreadable export parameters ({exc})"]
-    want = {
-        "target_spacing": (float(cfg.CMB.TARGET_SPACING), "CMB.TARGET_SPACING"),
-        "context_offset": (int(cfg.CMB.CONTEXT_OFFSET), "CMB.CONTEXT_OFFSET"),
-        "brain_margin_mm": (float(cfg.CMB.BRAIN_MARGIN_MM), "CMB.BRAIN_MARGIN_MM"),
-        "bias_degree": (int(cfg.CMB.BIAS_DEGREE), "CMB.BIAS_DEGREE"),
-        "percentiles": ([float(v) for v in cfg.CMB.INTENSITY_PERCENTILES],
-                        "CMB.INTENSITY_PERCENTILES"),
-    }
+    want = export_params(cfg).as_dict()
     out = []
-    for key, (value, name) in want.items():
-        if key in params and params[key] != value:
-            out.append(f"{meta_path}: exported with {key}={params[key]}, but {name} is {value}: "
-                       "prediction with this config prepares the slices differently; "
-                       "re-export or set the key to match")
+    for key, name in EXPORT_PARAM_KEYS.items():
+        if key in params and params[key] != want[key]:
+            out.append(f"{meta_path}: exported with {key}={params[key]}, but {name} is "
+                       f"{want[key]}: prediction with this config prepares the slices "
+                       "differently; re-export or set the key to match")
     return out

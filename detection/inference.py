@@ -50,8 +50,8 @@ from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
-from .config import inference_zoom
-from .data.export_coco import ExportParams, PreparedVolume, prepare_case
+from .config import export_params, inference_zoom
+from .data.export_coco import PreparedVolume, prepare_case
 from .data.volume import Volume, load_case
 from .fileio import atomic_output
 from .lesions import (
@@ -446,12 +446,7 @@ class VolumePredictor:
         if self.zoom != 1.0:
             logger.info("test-time zoom %.3g: slices at %.4g mm instead of %.4g mm",
                         self.zoom, spacing / self.zoom, spacing)
-        self.params = ExportParams(
-            context_offset=cfg.CMB.CONTEXT_OFFSET, target_spacing=spacing / self.zoom,
-            brain_margin_mm=float(cfg.CMB.BRAIN_MARGIN_MM),
-            bias_degree=int(cfg.CMB.BIAS_DEGREE),
-            percentiles=tuple(float(v) for v in cfg.CMB.INTENSITY_PERCENTILES),
-        )
+        self.params = export_params(cfg, zoom=self.zoom)
         self.region_fn = region_fn
         self.batch_size = max(1, int(cfg.CMB.INFER.BATCH_SIZE))
         self.input_format = cfg.INPUT.FORMAT

@@ -442,15 +442,15 @@ class Demo:
         ]
 
     def export_params(self) -> dict[str, Any]:
-        """Export parameters: the detector config's spacing and context."""
+        """Export parameters: how the detector config prepares slices
+        (``detection.config.export_params``), the folds, the external centres, the seed."""
+        from detection.config import EXPORT_PARAM_KEYS, export_params
+
         cfg = self.cfg()
         centers = self.cohort()["center"].astype(str)
         n_dev = int((~centers.isin(self.external)).sum())
-        return {"target_spacing": float(cfg.CMB.TARGET_SPACING),
-                "context_offset": int(cfg.CMB.CONTEXT_OFFSET),
-                "brain_margin_mm": float(cfg.CMB.BRAIN_MARGIN_MM),
-                "bias_degree": int(cfg.CMB.BIAS_DEGREE),
-                "percentiles": [float(v) for v in cfg.CMB.INTENSITY_PERCENTILES],
+        params = export_params(cfg).as_dict()
+        return {**{k: params[k] for k in EXPORT_PARAM_KEYS},
                 # patient folds for users' CV runs (the demo trains on all of cmb_dev)
                 "folds": 5 if n_dev >= 10 else 0,
                 "external": self.external, "seed": self.args.seed}

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import detection  # noqa: F401  (compat shims)
-from detection.config import add_cmb_config
+from detection.config import EXPORT_PARAM_KEYS, add_cmb_config, export_params
+from detection.data.export_coco import ExportParams
 
 import pytest
 from detectron2.config import get_cfg
@@ -46,3 +47,43 @@ def test_add_cmb_config_requires_keys_before_merge(tmp_path: Path) -> None:
     add_cmb_config(cfg)
     with pytest.raises(KeyError):
         cfg.merge_from_file(str(bad))
+
+
+def _cmb_cfg():
+    cfg = get_cfg()
+    add_cmb_config(cfg)
+    return cfg
+
+
+def test_export_params_follow_every_slice_key() -> None:
+    """One mapping from a config to the slice preparation: each key moves its own field,
+    and every field a config sets is named."""
+    cfg = _cmb_cfg()
+    base = export_params(cfg)
+    assert isinstance(base, ExportParams)
+    assert set(EXPORT_PARAM_KEYS) <= set(base.as_dict())
+    changed = {"CMB.TARGET_SPACING": 0.27, "CMB.CONTEXT_OFFSET": 2,
+               "CMB.BRAIN_MARGIN_MM": 3.0, "CMB.BIAS_DEGREE": 2,
+               "CMB.INTENSITY_PERCENTILES": (0.0, 98.0)}
+    assert set(changed) == set(EXPORT_PARAM_KEYS.values())
+    for field, key in EXPORT_PARAM_KEYS.items():
+        c = cfg.clone()
+        c.merge_from_list([key, changed[key]])
+        got, want = export_params(c).as_dict(), base.as_dict()
+        diff = {k for k in want if got[k] != want[k]}
+        assert diff == {field}, key
+        assert got[field] == (list(changed[key]) if field == "percentiles" else changed[key])
+
+
+def test_export_params_zoom_divides_the_spacing_only() -> None:
+    cfg = _cmb_cfg()
+    cfg.CMB.TARGET_SPACING = 0.35
+    zoomed = export_params(cfg, zoom=1.25)
+    assert zoomed.target_spacing == pytest.approx(0.28)
+    assert {**zoomed.as_dict(), "target_spacing": 0.35} == export_params(cfg).as_dict()
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="zoom"):
+            export_params(cfg, zoom=bad)
+    cfg.CMB.INTENSITY_PERCENTILES = (99.0, 1.0)
+    with pytest.raises(ValueError, match="percentiles"):
+        export_params(cfg)
