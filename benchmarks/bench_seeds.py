@@ -51,9 +51,13 @@ def coco_from_log(log: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def losses(metrics_json: Path) -> dict[str, float | bool]:
-    """Final total loss (mean of the last 5 records) and whether any loss was not finite."""
-    rows = []
+def losses(metrics_json: Path, log: Path | None = None) -> dict[str, float | bool | None]:
+    """Final total loss (mean of the last 5 records) and whether any loss was not finite.
+
+    Read from Detectron2's ``metrics.json``; where it is missing (weights trained
+    elsewhere, only the log kept) from the ``total_loss:`` entries of ``log``. With no
+    record at all, ``all_losses_finite`` is None (unknown), not True."""
+    rows: list[float] = []
     if metrics_json.is_file():
         for line in metrics_json.read_text().splitlines():
             try:
@@ -61,10 +65,12 @@ def losses(metrics_json: Path) -> dict[str, float | bool]:
             except json.JSONDecodeError:
                 continue
             if "total_loss" in rec:
-                rows.append(rec["total_loss"])
-    finite = all(math.isfinite(v) for v in rows)
+                rows.append(float(rec["total_loss"]))
+    elif log is not None and log.is_file():
+        rows = [float(v) for v in re.findall(r"total_loss: (\S+)", log.read_text(errors="replace"))]
     last = rows[-5:]
-    return {"iterations_logged": len(rows), "all_losses_finite": finite,
+    return {"iterations_logged": len(rows),
+            "all_losses_finite": all(math.isfinite(v) for v in rows) if rows else None,
             "final_total_loss": round(sum(last) / len(last), 4) if last else None,
             "first_total_loss": round(rows[0], 4) if rows else None}
 
@@ -95,7 +101,7 @@ def one_seed(seed: int, args: argparse.Namespace, ext_manifest: Path) -> dict:
     return {
         "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
         "train_seconds_this_run": round(t_train, 1),
-        "losses": losses(d / "train" / "metrics.json"),
+        "losses": losses(d / "train" / "metrics.json", d / "train" / "log.txt"),
         "coco_external": coco_from_log(d / "train" / "log.txt"),
         "lesions_external": {
             "dice_mean": round(pp["dice"]["mean"], 4), "iou_mean": round(pp["iou"]["mean"], 4),
@@ -120,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="data-parallel CPU processes per training (train_net --cpu-procs)")
     p.add_argument("--work", type=Path, default=Path("output/seeds"))
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/seeds_cpu.json"))
+    p.add_argument("--note", default="", help="free text kept in the JSON (e.g. where "
+                   "weights already in --work were trained)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = p.parse_args(argv)
     if args.cpu_procs < 1:
@@ -149,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "seed stability of the detector config, external centre",
         "config": args.config_file, "opts": args.opts, "center": args.center,
         "cpu_procs": args.cpu_procs, "cpu_count": os.cpu_count(), "machine": platform.platform(),
-        "diverged": [r["seed"] for r in rows if not r["losses"]["all_losses_finite"]],
+        "note": args.note,
+        "diverged": [r["seed"] for r in rows if r["losses"]["all_losses_finite"] is False],
+        "losses_unknown": [r["seed"] for r in rows if r["losses"]["all_losses_finite"] is None],
         "per_seed": rows, "across_seeds": spread,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
