@@ -6,10 +6,14 @@ Detectron2 projects do (cf. PointRend's ``add_pointrend_config``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from detectron2.config import CfgNode as CN
 
 from . import backbone  # noqa: F401  (registers build_cmb_lite_fpn_backbone)
-from .data.export_coco import ExportParams
+
+if TYPE_CHECKING:
+    from .data.export_coco import ExportParams
 
 #: The :class:`ExportParams` field each detector config key sets. The exporter (training
 #: slices) and the volume predictor must prepare slices alike; :func:`export_params` is the
@@ -163,6 +167,10 @@ def export_params(cfg: CN, zoom: float = 1.0) -> ExportParams:
     """How ``cfg`` prepares slices (:data:`EXPORT_PARAM_KEYS`), validated. ``zoom`` > 1
     divides the spacing (test-time magnification, ``CMB.INFER.ZOOM``); the export and the
     up-to-date stamps use 1."""
+    # Imported here: the exporter pulls in pandas and scipy (~0.4 s), which training
+    # processes that only read the config keys do not need.
+    from .data.export_coco import ExportParams
+
     if not (zoom > 0 and zoom < float("inf")):
         raise ValueError(f"zoom must be a positive number, got {zoom}")
     return ExportParams(
