@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_seeds import _run, coco_from_log, losses  # noqa: E402
+from bench_seeds import _run, add_run_args, coco_from_log, losses  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,13 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-weights", type=Path, required=True,
                    help="a detector trained without the centre, evaluated on the same patients")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cpu-procs", type=int, default=1)
-    p.add_argument("--work", type=Path, default=Path("output/ceiling"))
-    p.add_argument("--output", type=Path, default=Path("benchmarks/results/ceiling.json"))
-    p.add_argument("--note", default="", help="free text kept in the JSON (e.g. where "
-                   "weights already in --work were trained)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    add_run_args(p, work="output/ceiling", output="benchmarks/results/ceiling.json")
     args = p.parse_args(argv)
+    if args.cpu_procs < 1:
+        p.error(f"--cpu-procs must be >= 1, got {args.cpu_procs}")
     if not args.reference_weights.is_file():
         raise SystemExit(f"{args.reference_weights}: no such weights file")
     work = args.work.resolve()

@@ -75,6 +75,18 @@ def losses(metrics_json: Path, log: Path | None = None) -> dict[str, float | boo
             "first_total_loss": round(rows[0], 4) if rows else None}
 
 
+def add_run_args(p: argparse.ArgumentParser, work: str, output: str) -> None:
+    """The arguments the training benchmarks share: training processes, work folder,
+    result file, a note, and trailing config overrides."""
+    p.add_argument("--cpu-procs", type=int, default=1,
+                   help="data-parallel CPU processes per training (train_net --cpu-procs)")
+    p.add_argument("--work", type=Path, default=Path(work))
+    p.add_argument("--output", type=Path, default=Path(output))
+    p.add_argument("--note", default="", help="free text kept in the JSON (e.g. where "
+                   "weights already in --work were trained)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+
+
 def one_seed(seed: int, args: argparse.Namespace, ext_manifest: Path) -> dict:
     d = args.work / f"seed{seed}"
     (d / "train").mkdir(parents=True, exist_ok=True)
@@ -122,13 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--center", required=True, help="external centre to evaluate on")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=1, help="seeds run in parallel")
-    p.add_argument("--cpu-procs", type=int, default=1,
-                   help="data-parallel CPU processes per training (train_net --cpu-procs)")
-    p.add_argument("--work", type=Path, default=Path("output/seeds"))
-    p.add_argument("--output", type=Path, default=Path("benchmarks/results/seeds_cpu.json"))
-    p.add_argument("--note", default="", help="free text kept in the JSON (e.g. where "
-                   "weights already in --work were trained)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    add_run_args(p, work="output/seeds", output="benchmarks/results/seeds_cpu.json")
     args = p.parse_args(argv)
     if args.cpu_procs < 1:
         p.error(f"--cpu-procs must be >= 1, got {args.cpu_procs}")
