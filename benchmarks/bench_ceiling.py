@@ -24,16 +24,16 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from detection.fileio import copy_atomic, write_json_atomic  # noqa: E402
 
 from bench_seeds import _run, add_run_args, coco_from_log, losses  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _subset(coco: dict, patients: set[str]) -> dict:
@@ -69,15 +69,13 @@ def write_split(src: Path, dst: Path, center: str, n_train: int) -> dict:
         link = dst / name
         if not link.exists():
             os.symlink((src / name).resolve(), link, target_is_directory=True)
-    shutil.copy(src / "export_meta.json", dst / "export_meta.json")
+    copy_atomic(src / "export_meta.json", dst / "export_meta.json")
     for name, data in (("dev", new_dev), ("external", new_ext)):
-        tmp = dst / "annotations" / f"{name}.json.tmp"
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, dst / "annotations" / f"{name}.json")
+        write_json_atomic(dst / "annotations" / f"{name}.json", data, indent=None)
     dev_patients = sorted({im["patient_id"] for im in new_dev["images"]})
-    (dst / "splits.json").write_text(json.dumps(
-        {"n_folds": 0, "external_centers": [center], "external": sorted(test_c),
-         "dev": dev_patients}, indent=1))
+    write_json_atomic(dst / "splits.json",
+                      {"n_folds": 0, "external_centers": [center], "external": sorted(test_c),
+                       "dev": dev_patients}, indent=1)
     return {"train_patients_of_center": sorted(train_c), "test_patients": sorted(test_c),
             "dev_slices": len(new_dev["images"]), "dev_instances": len(new_dev["annotations"]),
             "test_slices": len(new_ext["images"]),
@@ -191,10 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         # Overlapping instances fused, as the "segm" AP; scores >= 0.3.
         result["hits_by_reference_area"] = {name: hits_by_size(gt_json, f)
                                             for name, f in found.items()}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.output)
+    write_json_atomic(args.output, result)
     print(json.dumps({"in_domain": in_domain, "reference": reference}))
     return 0
 

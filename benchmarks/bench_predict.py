@@ -236,14 +236,15 @@ def main(argv: list[str] | None = None) -> int:
         result["mean_conv_floor_s"] = round(float(np.mean([r["conv_floor_s"] for r in rows])), 2)
         result["max_speedup_one_thread"] = round(
             result["mean_baseline_s"] / result["mean_conv_floor_s"], 2)
-        result["max_speedup_workers"] = {
-            "note": "the convolutions split perfectly over the processes, nothing else left",
-            **({"workers": args.workers,
-                "vs_baseline": round(result["max_speedup_one_thread"] * args.workers, 2),
-                **({"vs_threaded_baseline": round(result["mean_baseline_threads_s"] * args.workers
-                                                  / result["mean_conv_floor_s"], 2)}
-                   if args.baseline_threads > 1 else {})}
-               if args.workers > 1 else {})}
+        bound = {"note": "the convolutions split perfectly over the processes, nothing else left"}
+        if args.workers > 1:
+            bound["workers"] = args.workers
+            bound["vs_baseline"] = round(result["max_speedup_one_thread"] * args.workers, 2)
+            if args.baseline_threads > 1:
+                bound["vs_threaded_baseline"] = round(
+                    result["mean_baseline_threads_s"] * args.workers
+                    / result["mean_conv_floor_s"], 2)
+        result["max_speedup_workers"] = bound
     if args.workers > 1:
         jobs = [(r.swi, r.brain_mask or "", r.patient_id) for r in cohort.itertuples(index=False)]
         wall, preds = cohort_run(cfg, args.weights, jobs, args.workers)
