@@ -149,6 +149,13 @@ def add_cmb_config(cfg: CN) -> None:
     # whose bleeds bloom less shows them smaller. Choose it per site on a few labelled
     # patients with tools/calibrate_zoom.py. 1.0 = as trained.
     _C.CMB.INFER.ZOOM = 1.0
+    # Volume inference: a slice instance's mask is the pixels of its box where the mask
+    # head's probability is >= this. Where a scanner blooms less than the training ones,
+    # bleeds come out smaller than their reference, and a lower value draws them larger.
+    # Like the zoom it is a property of the site (README, "A new site: the mask
+    # threshold"): choose it with tools/calibrate_zoom.py --mask-threshs. COCO evaluation
+    # of slices keeps Detectron2's 0.5.
+    _C.CMB.INFER.MASK_THRESH = 0.5
 
 
 def inference_zoom(cfg: CN) -> float:
@@ -161,6 +168,16 @@ def inference_zoom(cfg: CN) -> float:
         raise ValueError("CMB.INFER.ZOOM needs CMB.TARGET_SPACING > 0 (slices on their native "
                          f"grid cannot be magnified consistently), got ZOOM {zoom}")
     return zoom
+
+
+def mask_threshold(cfg: CN) -> float:
+    """``cfg.CMB.INFER.MASK_THRESH`` checked: strictly between 0 and 1 (0 would paste the
+    whole box, 1 nothing)."""
+    t = float(cfg.CMB.INFER.MASK_THRESH)
+    if not 0.0 < t < 1.0:
+        raise ValueError("CMB.INFER.MASK_THRESH must be in (0, 1), got "
+                         f"{cfg.CMB.INFER.MASK_THRESH}")
+    return t
 
 
 def export_params(cfg: CN, zoom: float = 1.0) -> ExportParams:

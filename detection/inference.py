@@ -50,7 +50,7 @@ from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
-from .config import export_params, inference_zoom
+from .config import export_params, inference_zoom, mask_threshold
 from .data.export_coco import PreparedVolume, prepare_case
 from .data.volume import Volume, load_case
 from .fileio import atomic_output
@@ -442,6 +442,7 @@ class VolumePredictor:
             # oneDNN convolutions run ~1.5x faster on channels-last tensors on CPU.
             self.model.to(memory_format=torch.channels_last)
         self.zoom = inference_zoom(cfg)
+        self.mask_thresh = mask_threshold(cfg)
         spacing = float(cfg.CMB.TARGET_SPACING)
         if self.zoom != 1.0:
             logger.info("test-time zoom %.3g: slices at %.4g mm instead of %.4g mm",
@@ -471,7 +472,7 @@ class VolumePredictor:
         probs = inst.pred_masks[:, 0].numpy() if len(inst) else np.zeros((0, 1, 1))
         masks = []
         for box, prob in zip(boxes, probs):
-            rs, cs, m = paste_mask_in_box(prob, box, h, w)
+            rs, cs, m = paste_mask_in_box(prob, box, h, w, threshold=self.mask_thresh)
             masks.append(WindowMask(rs.start, cs.start, m, (h, w)))
         return masks, scores
 

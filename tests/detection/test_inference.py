@@ -491,3 +491,39 @@ def test_mirrored_pass_tta_fuses_the_passes_like_the_volume_predictor() -> None:
     tta.floor = 0.35
     inst = tta([{"image": img, "height": h, "width": w}])[0]["instances"]
     assert inst.scores.tolist() == pytest.approx([0.7, 0.7])
+
+
+def test_mask_threshold_grows_masks_without_changing_detections(instant_weights,
+                                                                tmp_path) -> None:
+    """CMB.INFER.MASK_THRESH binarises the pasted mask probabilities: a lower value gives
+    the same instances (scores, boxes) with masks that contain the 0.5 ones."""
+    from detection.data.export_coco import prepare_case
+    from detection.data.volume import load_case
+
+    cfg, weights = instant_weights
+    swi = _focus_volume(tmp_path)
+    passes = {}
+    for t in (0.5, 0.3):
+        c = cfg.clone()
+        c.defrost()
+        c.CMB.INFER.MASK_THRESH = t
+        vp = VolumePredictor(c, str(weights))
+        assert vp.mask_thresh == t
+        prep = prepare_case(load_case(swi, None, None), vp.params)
+        passes[t] = vp.detect_passes(prep)
+    n_inst = grown = 0
+    for (z5, (m5, s5), _), (z3, (m3, s3), _) in zip(passes[0.5], passes[0.3], strict=True):
+        assert z5 == z3
+        np.testing.assert_array_equal(s5, s3)
+        for a, b in zip(m5, m3, strict=True):
+            full_a, full_b = a.full(), b.full()
+            assert not (full_a & ~full_b).any()  # every 0.5 pixel is kept at 0.3
+            grown += int(full_b.sum() > full_a.sum())
+            n_inst += 1
+    assert n_inst > 0 and grown > 0
+    for bad in (0.0, 1.0, -0.2):
+        c = cfg.clone()
+        c.defrost()
+        c.CMB.INFER.MASK_THRESH = bad
+        with pytest.raises(ValueError, match="MASK_THRESH"):
+            VolumePredictor(c, str(weights))
