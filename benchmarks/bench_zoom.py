@@ -3,10 +3,12 @@
 
 For one centre of a labelled cohort: every ``--calib-every``-th patient (by patient id,
 from the first) is a calibration patient; :func:`detection.calibration.calibrate_zoom`
-picks ``CMB.INFER.ZOOM`` on them; the other patients of the centre are then predicted
-at zoom 1 and at the selected zoom (plus any ``--also-zoom``) and evaluated. Results
-(calibration trials, selection, held-out lesion metrics per zoom, times) go to
-``--json``.
+picks ``CMB.INFER.ZOOM`` (and, with ``--mask-threshs``, ``CMB.INFER.MASK_THRESH``) on
+them; the other patients of the centre are then predicted at zoom 1 and at the selected
+zoom (plus any ``--also-zoom``), and at the selected zoom and mask threshold, and
+evaluated. Results (calibration trials, selection, held-out lesion metrics per setting,
+times) go to ``--json``: held-out keys are the zoom (``"1.3"``) or the zoom and mask
+threshold (``"1.3_mask_0.4"``).
 
     python benchmarks/bench_zoom.py --config-file configs/CMB-RCNN-Lite-FPN-cpu.yaml \\
         --weights output/demo/train/model_final.pth --manifest output/demo/cohort/manifest.csv \\
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import detection  # noqa: E402,F401
 from detection.calibration import (  # noqa: E402
     DEFAULT_ZOOMS,
+    MASK_THRESHS,
     calibrate_zoom,
     predict_at_zoom,
     write_eval_manifest,
@@ -57,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zooms", type=float, nargs="+", default=list(DEFAULT_ZOOMS))
     ap.add_argument("--also-zoom", type=float, nargs="*", default=[],
                     help="held-out patients are also predicted at these zooms")
+    ap.add_argument("--mask-threshs", type=float, nargs="*", default=None,
+                    help="also calibrate CMB.INFER.MASK_THRESH among these (none given: "
+                         "the tool's default candidates)")
     ap.add_argument("--fp-rate", type=float, default=1.0)
     ap.add_argument("--work", required=True, help="folder for the predictions")
     ap.add_argument("--json", required=True, help="results file")
@@ -74,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     held = site.drop(calib.index)
     work = Path(args.work)
     t0 = time.perf_counter()
+    masks = args.mask_threshs
+    if masks is not None and not masks:
+        masks = list(MASK_THRESHS)
     sel = calibrate_zoom(cfg, args.weights, calib, work / "calibration", zooms=args.zooms,
-                         fp_rate=args.fp_rate)
+                         fp_rate=args.fp_rate, mask_threshs=masks)
     t_cal = time.perf_counter() - t0
 
     manifest = write_eval_manifest(held, work / "heldout_manifest.csv")
@@ -85,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         ev, seconds = predict_at_zoom(cfg, args.weights, held, z, work / f"heldout_zoom_{z:g}",
                                       manifest)
         results[f"{z:g}"] = {**headline_figures(ev.metrics), "seconds_per_patient": seconds}
+    if "selected_mask_thresh" in sel:
+        z, t = float(sel["selected_zoom"]), float(sel["selected_mask_thresh"])
+        key = f"{z:g}_mask_{t:g}"
+        if t != float(cfg.CMB.INFER.MASK_THRESH):
+            ev, seconds = predict_at_zoom(cfg, args.weights, held, z, work / f"heldout_zoom_{key}",
+                                          manifest, mask_thresh=t)
+            results[key] = {**headline_figures(ev.metrics), "seconds_per_patient": seconds}
 
     doc = {
         "what": "test-time zoom chosen on calibration patients of one site, evaluated on "
@@ -93,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         "opts": list(args.opts), "center": args.center,
         "calibration": {"patients": sel["patients"], "rule": sel["rule"],
                         "fp_rate": sel["fp_rate"], "trials": sel["trials"],
-                        "selected_zoom": sel["selected_zoom"], "seconds": t_cal},
+                        "selected_zoom": sel["selected_zoom"],
+                        "mask_trials": sel.get("mask_trials"),
+                        "selected_mask_thresh": sel.get("selected_mask_thresh"),
+                        "seconds": t_cal},
         "heldout_patients": list(held["patient_id"]),
         "heldout": results,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import detection  # noqa: F401
-from detection.calibration import calibrate_zoom, select_zoom
+from detection.calibration import calibrate_zoom, select_mask_thresh, select_zoom
 from detection.engine import setup_cfg
 
 import nibabel as nib
@@ -35,6 +35,19 @@ def test_select_zoom_prefers_sensitivity_then_froc_then_no_zoom() -> None:
     assert select_zoom([_trial(1.3, math.nan, math.nan), _trial(1.0, 0.1, 0.1)]) == 1.0
     with pytest.raises(ValueError, match="no zoom"):
         select_zoom([])
+
+
+def test_select_mask_thresh_prefers_dice_then_the_default() -> None:
+    def t(m: float, d: float) -> dict[str, float]:
+        return {"mask_thresh": m, "dice": d}
+
+    assert select_mask_thresh([t(0.3, 0.70), t(0.5, 0.65)]) == 0.3
+    assert select_mask_thresh([t(0.3, 0.60), t(0.5, 0.65)]) == 0.5
+    assert select_mask_thresh([t(0.3, 0.65), t(0.4, 0.65), t(0.5, 0.65)]) == 0.5
+    assert select_mask_thresh([t(0.3, 0.65), t(0.4, 0.65)], default=0.5) == 0.4
+    assert select_mask_thresh([t(0.3, math.nan), t(0.5, 0.1)]) == 0.5
+    with pytest.raises(ValueError, match="no mask"):
+        select_mask_thresh([])
 
 
 def _case(root: Path, pid: str) -> dict[str, str]:
@@ -74,6 +87,28 @@ def test_calibrate_zoom_predicts_each_zoom_and_writes_the_selection(tmp_path, ca
     assert saved["n_reference_lesions"] == 2
     assert "only 2 reference lesions" in caplog.text  # too few for a firm choice
     assert not list(out.glob(".*"))  # no temporary files left
+
+    assert "mask_trials" not in saved and not list(out.glob("zoom_*_mask_*"))
+
+    # Mask thresholds: predicted at the selected zoom only, the config's 0.5 reused.
+    out2 = tmp_path / "calib_mask"
+    sel2 = calibrate_zoom(cfg, str(tmp_path / "model.pth"), cohort, out2, zooms=(1.0,),
+                          mask_threshs=(0.3,), progress=False)
+    assert [m["mask_thresh"] for m in sel2["mask_trials"]] == [0.3, 0.5]
+    assert sel2["mask_trials"][1]["dice"] == sel2["trials"][0]["dice"]
+    assert sel2["selected_mask_thresh"] == select_mask_thresh(sel2["mask_trials"])
+    assert sel2["opts"] == ["CMB.INFER.ZOOM", 1.0,
+                            "CMB.INFER.MASK_THRESH", sel2["selected_mask_thresh"]]
+    dirs = sorted(p.name for p in out2.glob("zoom_*") if p.is_dir())
+    assert dirs == ["zoom_1", "zoom_1_mask_0.3"]
+    pred3 = out2 / "zoom_1_mask_0.3"
+    assert all((pred3 / pid / "lesions.csv").is_file() for pid in ("P1", "P2"))
+    saved2 = json.loads((out2 / "zoom_selection.json").read_text())
+    assert saved2["selected_mask_thresh"] == sel2["selected_mask_thresh"]
+    for bad in ((0.0,), (1.0,), (0.3, 0.3)):
+        with pytest.raises(ValueError, match="mask thresholds"):
+            calibrate_zoom(cfg, str(tmp_path / "model.pth"), cohort, out2, zooms=(1.0,),
+                           mask_threshs=bad)
 
     with pytest.raises(ValueError, match="duplicate"):
         calibrate_zoom(cfg, str(tmp_path / "model.pth"), cohort, out, zooms=(1.0, 1.0))
