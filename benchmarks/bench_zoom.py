@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import detection  # noqa: E402,F401
 from detection.calibration import (  # noqa: E402
     DEFAULT_ZOOMS,
-    MASK_THRESHS,
     calibrate_zoom,
+    mask_candidates,
     predict_at_zoom,
     write_eval_manifest,
 )
@@ -80,11 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     held = site.drop(calib.index)
     work = Path(args.work)
     t0 = time.perf_counter()
-    masks = args.mask_threshs
-    if masks is not None and not masks:
-        masks = list(MASK_THRESHS)
     sel = calibrate_zoom(cfg, args.weights, calib, work / "calibration", zooms=args.zooms,
-                         fp_rate=args.fp_rate, mask_threshs=masks)
+                         fp_rate=args.fp_rate, mask_threshs=mask_candidates(args.mask_threshs))
     t_cal = time.perf_counter() - t0
 
     manifest = write_eval_manifest(held, work / "heldout_manifest.csv")

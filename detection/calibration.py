@@ -41,8 +41,8 @@ from .fileio import json_ready, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_ZOOMS", "MASK_THRESHS", "calibrate_zoom", "predict_at_zoom",
-           "select_mask_thresh", "select_zoom", "write_eval_manifest"]
+__all__ = ["DEFAULT_ZOOMS", "MASK_THRESHS", "calibrate_zoom", "mask_candidates",
+           "predict_at_zoom", "select_mask_thresh", "select_zoom", "write_eval_manifest"]
 
 #: Candidate zooms: from slightly shrunk (scanners that bloom more) to 1.45x.
 DEFAULT_ZOOMS = (0.85, 1.0, 1.15, 1.3, 1.45)
@@ -64,6 +64,14 @@ def select_zoom(trials: Sequence[Mapping[str, float]]) -> float:
                 -abs(math.log(float(t["zoom"]))))
 
     return float(max(trials, key=key)["zoom"])
+
+
+def mask_candidates(values: Sequence[float] | None) -> list[float] | None:
+    """The tools' ``--mask-threshs`` (``nargs="*"``) as :func:`calibrate_zoom` reads it:
+    absent (None) keeps the config's threshold, the bare option gives :data:`MASK_THRESHS`."""
+    if values is None:
+        return None
+    return [float(v) for v in values] or list(MASK_THRESHS)
 
 
 def select_mask_thresh(trials: Sequence[Mapping[str, float]], default: float = 0.5) -> float:

@@ -30,6 +30,7 @@ from detection.calibration import (  # noqa: E402
     DEFAULT_ZOOMS,
     MASK_THRESHS,
     calibrate_zoom,
+    mask_candidates,
 )
 from detection.data.manifest import read_cohort  # noqa: E402
 from detection.engine import setup_cfg  # noqa: E402
@@ -72,11 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             cohort = cohort[cohort["center"].isin(args.centers)]
             if cohort.empty:
                 raise ValueError(f"{args.manifest}: no patient of centre(s) {args.centers}")
-        masks = args.mask_threshs
-        if masks is not None and not masks:
-            masks = list(MASK_THRESHS)
         sel = calibrate_zoom(cfg, args.weights, cohort, args.output, zooms=args.zooms,
-                             fp_rate=args.fp_rate, mask_threshs=masks)
+                             fp_rate=args.fp_rate, mask_threshs=mask_candidates(args.mask_threshs))
     except ValueError as exc:
         raise SystemExit(f"calibrate_zoom: {exc}") from exc
     logger.info("trials:\n%s", json.dumps(sel["trials"], indent=1))
